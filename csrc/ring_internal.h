@@ -1,0 +1,54 @@
+/*
+ * ring_internal.h — the process-local side of a ring: the attaching
+ * process's own copy of the geometry (never re-read from shared memory),
+ * and the few helpers shared by segment.c, protocol.c and wait.c.
+ */
+#ifndef SHMFEED_RING_INTERNAL_H
+#define SHMFEED_RING_INTERNAL_H
+
+#include <stdint.h>
+
+#include "layout.h"
+#include "shmfeed.h"
+
+#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "futex waits on the low half of a 64-bit word assume little-endian"
+#endif
+
+struct shmfeed_ring {
+    uint8_t *base;            /* start of the mapping */
+    uint64_t map_bytes;       /* length of the mapping, from fstat, not the header */
+    int fd;
+    int is_creator;
+    uint32_t slot_count;      /* private copy of the validated geometry */
+    uint32_t flags;
+    uint64_t slot_bytes;
+    uint64_t slot_stride;
+    uint64_t data_offset;
+    uint32_t creator_pid;
+    uint32_t creator_uid;
+    atomic_u32 scan_hint;     /* unordered: where the next claim scan starts (a hint) */
+    char path[128];           /* what another process opens to attach */
+    char shm_name[64];        /* named backing: unlinked by the creator */
+};
+
+static inline shm_header *ring_header(const struct shmfeed_ring *r) { return (shm_header *)r->base; }
+static inline shm_counters *ring_counters(const struct shmfeed_ring *r)
+{
+    return (shm_counters *)(r->base + SHMFEED_COUNTERS_OFFSET);
+}
+static inline shm_slot_desc *ring_desc(const struct shmfeed_ring *r, uint32_t slot)
+{
+    return (shm_slot_desc *)(r->base + SHMFEED_DESC_OFFSET) + slot;
+}
+
+uint64_t shmfeed_clock_ns(void);
+/* Sleep while *word (32 bits) still equals expected, at most until deadline_ns
+ * (0 = one slice) and never longer than one slice. Returns nothing: callers
+ * re-check their condition after every return. */
+void shmfeed_futex_wait(atomic_u32 *word, uint32_t expected, uint64_t deadline_ns);
+void shmfeed_futex_wake_all(atomic_u32 *word);
+/* Low 32 bits of a slot word: what futex waits compare. */
+static inline atomic_u32 *word_futex(atomic_u64 *word) { return (atomic_u32 *)(void *)word; }
+
+#endif

@@ -1,0 +1,415 @@
+/*
+ * segment.c — creating, validating, attaching and detaching the segment.
+ *
+ * Backing: an anonymous memfd (default) sealed against resizing, so nothing
+ * has a name in /dev/shm, nothing outlives the last process that maps it,
+ * and the /dev/shm mount size does not matter. Other processes of the same
+ * user attach through /proc/<creator pid>/fd/<fd>, which the kernel only
+ * lets same-user (ptrace-capable) processes open. The named fallback is a
+ * POSIX segment with a random name, O_EXCL and mode 0600.
+ *
+ * Every page is reserved at creation (fallocate), so a machine without the
+ * memory fails here, with the numbers, never with SIGBUS mid-epoch.
+ *
+ * Attach trusts nothing it reads: it checks every field against the size of
+ * the mapping it actually got and keeps its own copy of the geometry.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <sys/statvfs.h>
+#include <unistd.h>
+
+#include "ring_internal.h"
+
+static int fail(char *err, size_t errlen, int status, const char *fmt, ...)
+{
+    if (err && errlen) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(err, errlen, fmt, ap);
+        va_end(ap);
+    }
+    return status;
+}
+
+static int round_up(uint64_t v, uint64_t align, uint64_t *out)
+{
+    if (v > UINT64_MAX - (align - 1))
+        return -1;
+    *out = (v + align - 1) / align * align;
+    return 0;
+}
+
+/* Offsets of a ring of this shape; -1 on overflow. */
+static int compute_geometry(uint32_t slot_count, uint64_t slot_bytes, uint64_t *stride,
+                            uint64_t *data_offset, uint64_t *total)
+{
+    uint64_t desc_end, slots_bytes;
+    if (round_up(slot_bytes, SHMFEED_PAGE, stride))
+        return -1;
+    desc_end = SHMFEED_DESC_OFFSET + (uint64_t)slot_count * sizeof(shm_slot_desc);
+    if (round_up(desc_end, SHMFEED_PAGE, data_offset))
+        return -1;
+    if (__builtin_mul_overflow(*stride, (uint64_t)slot_count, &slots_bytes))
+        return -1;
+    if (__builtin_add_overflow(*data_offset, slots_bytes, total))
+        return -1;
+    return 0;
+}
+
+int shmfeed_ring_size_for(uint32_t slot_count, uint64_t slot_bytes, uint64_t *out)
+{
+    uint64_t stride, data_offset;
+    if (!out || slot_count == 0 || slot_count > SHMFEED_MAX_SLOTS || slot_bytes == 0 ||
+        slot_bytes > SHMFEED_MAX_SLOT_BYTES)
+        return SHMFEED_E_INVAL;
+    if (compute_geometry(slot_count, slot_bytes, &stride, &data_offset, out))
+        return SHMFEED_E_INVAL;
+    return SHMFEED_OK;
+}
+
+static uint64_t read_u64_file(const char *path, int *ok)
+{
+    char buf[64] = {0};
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    *ok = 0;
+    if (fd < 0)
+        return 0;
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0 || buf[0] < '0' || buf[0] > '9') /* "max" means unlimited */
+        return 0;
+    *ok = 1;
+    return strtoull(buf, NULL, 10);
+}
+
+/* MemAvailable, capped by the cgroup v2 limit (containers) and, for named
+ * segments, by the free space of the /dev/shm mount. */
+int shmfeed_memory_available(uint32_t flags, uint64_t *out)
+{
+    uint64_t avail = UINT64_MAX;
+    char line[256];
+    FILE *f = fopen("/proc/meminfo", "re");
+    if (!out)
+        return SHMFEED_E_INVAL;
+    if (f) {
+        while (fgets(line, sizeof line, f)) {
+            unsigned long long kb;
+            if (sscanf(line, "MemAvailable: %llu kB", &kb) == 1) {
+                avail = (uint64_t)kb * 1024ULL;
+                break;
+            }
+        }
+        fclose(f);
+    }
+    int ok_max, ok_cur;
+    uint64_t cg_max = read_u64_file("/sys/fs/cgroup/memory.max", &ok_max);
+    uint64_t cg_cur = read_u64_file("/sys/fs/cgroup/memory.current", &ok_cur);
+    if (ok_max && ok_cur) {
+        uint64_t cg_free = cg_max > cg_cur ? cg_max - cg_cur : 0;
+        if (cg_free < avail)
+            avail = cg_free;
+    }
+    if (flags & SHMFEED_NAMED) {
+        struct statvfs sv;
+        if (statvfs("/dev/shm", &sv) == 0) {
+            uint64_t shm_free = (uint64_t)sv.f_bavail * (uint64_t)sv.f_frsize;
+            if (shm_free < avail)
+                avail = shm_free;
+        }
+    }
+    *out = avail;
+    return SHMFEED_OK;
+}
+
+static int open_backing(shmfeed_ring *r, uint32_t flags, char *err, size_t errlen)
+{
+    if (!(flags & SHMFEED_NAMED)) {
+        r->fd = memfd_create("pyshmfeed-ring", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+        if (r->fd < 0)
+            return fail(err, errlen, SHMFEED_E_SYS, "memfd_create failed: %s", strerror(errno));
+        snprintf(r->path, sizeof r->path, "/proc/%d/fd/%d", (int)getpid(), r->fd);
+        return SHMFEED_OK;
+    }
+    /* Random, unguessable name; O_EXCL so a planted segment is an error. */
+    uint64_t rnd[2];
+    if (getrandom(rnd, sizeof rnd, 0) != (ssize_t)sizeof rnd)
+        return fail(err, errlen, SHMFEED_E_SYS, "getrandom failed: %s", strerror(errno));
+    snprintf(r->shm_name, sizeof r->shm_name, "/pyshmfeed-%u-%016llx%016llx", (unsigned)getuid(),
+             (unsigned long long)rnd[0], (unsigned long long)rnd[1]);
+    r->fd = shm_open(r->shm_name, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+    if (r->fd < 0)
+        return fail(err, errlen, errno == EEXIST ? SHMFEED_E_PERM : SHMFEED_E_SYS,
+                    "shm_open(%s) failed: %s", r->shm_name, strerror(errno));
+    snprintf(r->path, sizeof r->path, "/dev/shm%s", r->shm_name);
+    return SHMFEED_OK;
+}
+
+static void ring_free(shmfeed_ring *r)
+{
+    if (r->base && r->base != MAP_FAILED)
+        munmap(r->base, r->map_bytes);
+    if (r->fd >= 0)
+        close(r->fd);
+    if (r->is_creator && r->shm_name[0])
+        shm_unlink(r->shm_name);
+    free(r);
+}
+
+int shmfeed_ring_create(uint32_t slot_count, uint64_t slot_bytes, uint32_t flags,
+                        shmfeed_ring **out, char *err, size_t errlen)
+{
+    uint64_t stride, data_offset, total, avail;
+    int rc;
+    if (!out)
+        return fail(err, errlen, SHMFEED_E_INVAL, "out pointer is NULL");
+    *out = NULL;
+    if (slot_count == 0 || slot_count > SHMFEED_MAX_SLOTS)
+        return fail(err, errlen, SHMFEED_E_INVAL, "slot count %u is out of range: use 1..%u", slot_count,
+                    SHMFEED_MAX_SLOTS);
+    if (slot_bytes == 0 || slot_bytes > SHMFEED_MAX_SLOT_BYTES)
+        return fail(err, errlen, SHMFEED_E_INVAL, "slot size %llu bytes is out of range: use 1..%llu",
+                    (unsigned long long)slot_bytes, (unsigned long long)SHMFEED_MAX_SLOT_BYTES);
+    if (flags & ~(uint32_t)(SHMFEED_ORDERED | SHMFEED_NAMED))
+        return fail(err, errlen, SHMFEED_E_INVAL, "unknown flags 0x%x", flags);
+    if (compute_geometry(slot_count, slot_bytes, &stride, &data_offset, &total))
+        return fail(err, errlen, SHMFEED_E_INVAL, "%u slots of %llu bytes overflow a 64-bit size",
+                    slot_count, (unsigned long long)slot_bytes);
+    shmfeed_memory_available(flags, &avail);
+    if (total > avail)
+        return fail(err, errlen, SHMFEED_E_NOMEM,
+                    "the ring needs %llu bytes (%u slots x %llu bytes + %llu bytes of header) but only "
+                    "%llu bytes are available; use fewer or smaller slots, or free memory",
+                    (unsigned long long)total, slot_count, (unsigned long long)stride,
+                    (unsigned long long)data_offset, (unsigned long long)avail);
+
+    shmfeed_ring *r = calloc(1, sizeof *r);
+    if (!r)
+        return fail(err, errlen, SHMFEED_E_NOMEM, "out of memory for the ring handle");
+    r->fd = -1;
+    r->is_creator = 1;
+    if ((rc = open_backing(r, flags, err, errlen))) {
+        ring_free(r);
+        return rc;
+    }
+    if (ftruncate(r->fd, (off_t)total) != 0) {
+        rc = fail(err, errlen, SHMFEED_E_SYS, "sizing the segment to %llu bytes failed: %s",
+                  (unsigned long long)total, strerror(errno));
+        ring_free(r);
+        return rc;
+    }
+    /* Reserve every page now: fallocate on tmpfs/memfd allocates them, so a
+     * short machine fails here instead of SIGBUS on first touch later. */
+    if ((rc = fallocate(r->fd, 0, 0, (off_t)total)) != 0) {
+        int e = errno;
+        rc = fail(err, errlen, (e == ENOSPC || e == ENOMEM) ? SHMFEED_E_NOMEM : SHMFEED_E_SYS,
+                  "reserving %llu bytes for the ring failed: %s (%llu bytes were reported available)",
+                  (unsigned long long)total, strerror(e), (unsigned long long)avail);
+        ring_free(r);
+        return rc;
+    }
+    if (!(flags & SHMFEED_NAMED))
+        (void)fcntl(r->fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL);
+    r->map_bytes = total;
+    r->base = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, r->fd, 0);
+    if (r->base == MAP_FAILED) {
+        rc = fail(err, errlen, SHMFEED_E_NOMEM, "mapping %llu bytes failed: %s", (unsigned long long)total,
+                  strerror(errno));
+        ring_free(r);
+        return rc;
+    }
+    r->slot_count = slot_count;
+    r->flags = flags;
+    r->slot_bytes = slot_bytes;
+    r->slot_stride = stride;
+    r->data_offset = data_offset;
+    r->creator_pid = (uint32_t)getpid();
+    r->creator_uid = (uint32_t)getuid();
+
+    /* The memory is fresh zeroes; fill the header, then the descriptors.
+     * No other process can attach before create returns the path, so plain
+     * stores suffice; the magic is written last all the same. */
+    shm_header *h = ring_header(r);
+    h->version = SHMFEED_LAYOUT_VERSION;
+    h->header_bytes = SHMFEED_HEADER_BYTES;
+    h->segment_bytes = total;
+    h->slot_count = slot_count;
+    h->flags = flags;
+    h->slot_bytes = slot_bytes;
+    h->slot_stride = stride;
+    h->desc_offset = SHMFEED_DESC_OFFSET;
+    h->desc_stride = sizeof(shm_slot_desc);
+    h->data_offset = data_offset;
+    h->creator_pid = r->creator_pid;
+    h->creator_uid = r->creator_uid;
+    h->created_ns = shmfeed_clock_ns();
+    for (uint32_t i = 0; i < slot_count; i++)
+        store_relaxed64(&ring_desc(r, i)->word, word_make(0, i, SHMFEED_SLOT_FREE));
+    __atomic_store_n(&h->magic, SHMFEED_MAGIC, __ATOMIC_RELEASE);
+    *out = r;
+    return SHMFEED_OK;
+}
+
+/* Validate a header against the real mapping size; fill r's private copy. */
+static int validate(shmfeed_ring *r, char *err, size_t errlen)
+{
+    /* Validate a private snapshot: a writer changing the header while we
+     * check it cannot make us accept one value and use another. */
+    shm_header snap;
+    const shm_header *h = &snap;
+    uint64_t stride, data_offset, total;
+    memcpy(&snap, ring_header(r), offsetof(shm_header, closed));
+    if (h->magic != SHMFEED_MAGIC)
+        return fail(err, errlen, SHMFEED_E_CORRUPT, "bad magic 0x%016llx: not a pyshmfeed ring",
+                    (unsigned long long)h->magic);
+    if (h->version != SHMFEED_LAYOUT_VERSION)
+        return fail(err, errlen, SHMFEED_E_VERSION,
+                    "layout version %u, this library reads version %u: use the same pyshmfeed on both sides",
+                    h->version, SHMFEED_LAYOUT_VERSION);
+    if (h->header_bytes != SHMFEED_HEADER_BYTES)
+        return fail(err, errlen, SHMFEED_E_CORRUPT, "header size %u, expected %u", h->header_bytes,
+                    SHMFEED_HEADER_BYTES);
+    if (h->slot_count == 0 || h->slot_count > SHMFEED_MAX_SLOTS)
+        return fail(err, errlen, SHMFEED_E_CORRUPT, "slot count %u out of range", h->slot_count);
+    if (h->slot_bytes == 0 || h->slot_bytes > SHMFEED_MAX_SLOT_BYTES)
+        return fail(err, errlen, SHMFEED_E_CORRUPT, "slot size %llu out of range",
+                    (unsigned long long)h->slot_bytes);
+    if (h->flags & ~(uint32_t)(SHMFEED_ORDERED | SHMFEED_NAMED))
+        return fail(err, errlen, SHMFEED_E_CORRUPT, "unknown flags 0x%x", h->flags);
+    if (compute_geometry(h->slot_count, h->slot_bytes, &stride, &data_offset, &total))
+        return fail(err, errlen, SHMFEED_E_CORRUPT, "geometry overflows");
+    if (h->slot_stride != stride || h->data_offset != data_offset || h->segment_bytes != total ||
+        h->desc_offset != SHMFEED_DESC_OFFSET || h->desc_stride != sizeof(shm_slot_desc))
+        return fail(err, errlen, SHMFEED_E_CORRUPT,
+                    "inconsistent geometry: stride %llu (expected %llu), data offset %llu (expected %llu), "
+                    "size %llu (expected %llu)",
+                    (unsigned long long)h->slot_stride, (unsigned long long)stride,
+                    (unsigned long long)h->data_offset, (unsigned long long)data_offset,
+                    (unsigned long long)h->segment_bytes, (unsigned long long)total);
+    if (total > r->map_bytes)
+        return fail(err, errlen, SHMFEED_E_CORRUPT, "segment is truncated: header says %llu bytes, file has %llu",
+                    (unsigned long long)total, (unsigned long long)r->map_bytes);
+    r->slot_count = h->slot_count;
+    r->flags = h->flags;
+    r->slot_bytes = h->slot_bytes;
+    r->slot_stride = stride;
+    r->data_offset = data_offset;
+    r->creator_pid = h->creator_pid;
+    r->creator_uid = h->creator_uid;
+    return SHMFEED_OK;
+}
+
+int shmfeed_ring_attach(const char *path, shmfeed_ring **out, char *err, size_t errlen)
+{
+    struct stat st;
+    int rc;
+    if (!out || !path)
+        return fail(err, errlen, SHMFEED_E_INVAL, "path or out pointer is NULL");
+    *out = NULL;
+    if (strlen(path) >= sizeof(((shmfeed_ring *)0)->path))
+        return fail(err, errlen, SHMFEED_E_INVAL, "path is too long");
+    shmfeed_ring *r = calloc(1, sizeof *r);
+    if (!r)
+        return fail(err, errlen, SHMFEED_E_NOMEM, "out of memory for the ring handle");
+    r->fd = open(path, O_RDWR | O_CLOEXEC);
+    if (r->fd < 0) {
+        int e = errno;
+        rc = fail(err, errlen, e == ENOENT ? SHMFEED_E_NOENT : (e == EACCES || e == EPERM) ? SHMFEED_E_PERM : SHMFEED_E_SYS,
+                  "cannot open ring %s: %s%s", path, strerror(e),
+                  e == ENOENT ? " (the process that created it has exited or closed it)" : "");
+        ring_free(r);
+        return rc;
+    }
+    if (fstat(r->fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        ring_free(r);
+        return fail(err, errlen, SHMFEED_E_CORRUPT, "%s is not a shared-memory segment", path);
+    }
+    if ((uint64_t)st.st_size < SHMFEED_DESC_OFFSET) {
+        ring_free(r);
+        return fail(err, errlen, SHMFEED_E_CORRUPT, "segment %s is truncated: %lld bytes, less than a header",
+                    path, (long long)st.st_size);
+    }
+    r->map_bytes = (uint64_t)st.st_size;
+    r->base = mmap(NULL, r->map_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, r->fd, 0);
+    if (r->base == MAP_FAILED) {
+        rc = fail(err, errlen, SHMFEED_E_SYS, "mapping %s failed: %s", path, strerror(errno));
+        r->base = NULL;
+        ring_free(r);
+        return rc;
+    }
+    if ((rc = validate(r, err, errlen))) {
+        ring_free(r);
+        return rc;
+    }
+    snprintf(r->path, sizeof r->path, "%s", path);
+    *out = r;
+    return SHMFEED_OK;
+}
+
+int shmfeed_ring_detach(shmfeed_ring *r)
+{
+    if (!r)
+        return SHMFEED_E_INVAL;
+    ring_free(r);
+    return SHMFEED_OK;
+}
+
+int shmfeed_ring_path(const shmfeed_ring *r, char *buf, size_t buflen)
+{
+    if (!r || !buf || buflen <= strlen(r->path))
+        return SHMFEED_E_INVAL;
+    memcpy(buf, r->path, strlen(r->path) + 1);
+    return SHMFEED_OK;
+}
+
+int shmfeed_ring_geometry(const shmfeed_ring *r, shmfeed_geometry *g)
+{
+    if (!r || !g)
+        return SHMFEED_E_INVAL;
+    g->slot_count = r->slot_count;
+    g->flags = r->flags;
+    g->slot_bytes = r->slot_bytes;
+    g->slot_stride = r->slot_stride;
+    g->data_offset = r->data_offset;
+    g->segment_bytes = r->map_bytes;
+    g->creator_pid = r->creator_pid;
+    g->creator_uid = r->creator_uid;
+    return SHMFEED_OK;
+}
+
+int shmfeed_ring_base(const shmfeed_ring *r, uint8_t **out)
+{
+    if (!r || !out)
+        return SHMFEED_E_INVAL;
+    *out = r->base;
+    return SHMFEED_OK;
+}
+
+const char *shmfeed_strerror(int status)
+{
+    switch (status) {
+    case SHMFEED_OK: return "ok";
+    case SHMFEED_E_INVAL: return "invalid argument";
+    case SHMFEED_E_NOMEM: return "not enough memory for the ring";
+    case SHMFEED_E_SYS: return "system call failed";
+    case SHMFEED_E_CORRUPT: return "corrupt segment";
+    case SHMFEED_E_VERSION: return "layout version mismatch";
+    case SHMFEED_E_TIMEOUT: return "timed out";
+    case SHMFEED_E_CLOSED: return "ring closed";
+    case SHMFEED_E_STALE: return "stale claim: the slot was reclaimed";
+    case SHMFEED_E_STATE: return "slot is not in the state this operation needs";
+    case SHMFEED_E_TOOBIG: return "payload longer than the slot";
+    case SHMFEED_E_NOENT: return "no such segment";
+    case SHMFEED_E_PERM: return "permission denied";
+    case SHMFEED_E_AGAIN: return "nothing available now";
+    default: return "unknown status";
+    }
+}

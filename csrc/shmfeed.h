@@ -1,0 +1,158 @@
+/*
+ * shmfeed.h — the public ABI of the pyshmfeed ring.
+ *
+ * This file is the one contract between the C core and everything above it.
+ * The Python build feeds it to cffi's ffi.cdef() with only its preprocessor
+ * lines removed, so it holds nothing but plain declarations: fixed-width
+ * types, an enum of status codes, opaque handles and prototypes.
+ *
+ * Conventions
+ *   - Every function returns SHMFEED_OK (0) or a negative shmfeed_status.
+ *   - Nothing here prints, aborts or allocates on the hot path
+ *     (claim/commit/abort/acquire/release) unless a caller has to sleep.
+ *   - Functions that can fail for a reason worth telling a person take
+ *     (err, errlen) and write a NUL-terminated explanation there.
+ *   - Timeouts are in nanoseconds; a negative timeout waits forever, but
+ *     always in bounded slices so that close() is seen within one slice.
+ */
+#ifndef SHMFEED_H
+#define SHMFEED_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef enum shmfeed_status {
+    SHMFEED_OK = 0,
+    SHMFEED_E_INVAL = -1,     /* an argument is out of range */
+    SHMFEED_E_NOMEM = -2,     /* the machine cannot back the segment */
+    SHMFEED_E_SYS = -3,       /* a system call failed; see err text */
+    SHMFEED_E_CORRUPT = -4,   /* the segment fails validation */
+    SHMFEED_E_VERSION = -5,   /* the segment has another layout version */
+    SHMFEED_E_TIMEOUT = -6,   /* the wait ran out of time */
+    SHMFEED_E_CLOSED = -7,    /* the ring was closed by either side */
+    SHMFEED_E_STALE = -8,     /* the claim was reclaimed; the batch was re-issued */
+    SHMFEED_E_STATE = -9,     /* wrong slot state: commit twice, release unacquired */
+    SHMFEED_E_TOOBIG = -10,   /* payload longer than the slot */
+    SHMFEED_E_NOENT = -11,    /* no such segment */
+    SHMFEED_E_PERM = -12,     /* not allowed to open the segment */
+    SHMFEED_E_AGAIN = -13     /* nothing available right now (zero timeout) */
+} shmfeed_status;
+
+/* Flags for shmfeed_ring_create. */
+enum {
+    SHMFEED_ORDERED = 1,      /* batch s lives in slot s mod N (deterministic) */
+    SHMFEED_NAMED = 2         /* back with a named POSIX segment, not memfd */
+};
+
+/* Slot states, as reported by shmfeed_slot_info. */
+enum {
+    SHMFEED_SLOT_FREE = 0,
+    SHMFEED_SLOT_CLAIMED = 1,
+    SHMFEED_SLOT_READY = 2,
+    SHMFEED_SLOT_ACQUIRED = 3
+};
+
+typedef struct shmfeed_ring shmfeed_ring;   /* process-local handle */
+
+typedef struct shmfeed_geometry {
+    uint32_t slot_count;
+    uint32_t flags;
+    uint64_t slot_bytes;      /* usable bytes per slot */
+    uint64_t slot_stride;     /* distance between slots (page multiple) */
+    uint64_t data_offset;     /* offset of slot 0 from the mapping base */
+    uint64_t segment_bytes;   /* size of the whole mapping */
+    uint32_t creator_pid;
+    uint32_t creator_uid;
+} shmfeed_geometry;
+
+/* What a producer holds between claim and commit/abort. */
+typedef struct shmfeed_claimed {
+    uint32_t slot;
+    uint32_t reserved;
+    uint64_t seq;             /* the batch sequence this claim is for */
+    uint64_t owner;
+    uint64_t token;           /* the slot word at claim time: proves ownership */
+} shmfeed_claimed;
+
+/* What the consumer holds between acquire and release. */
+typedef struct shmfeed_acquired {
+    uint32_t slot;
+    uint32_t reserved;
+    uint64_t seq;
+    uint64_t payload_len;
+    uint64_t commit_ns;       /* CLOCK_MONOTONIC time of the commit */
+    uint64_t token;
+} shmfeed_acquired;
+
+typedef struct shmfeed_counters {
+    uint64_t claims;
+    uint64_t commits;
+    uint64_t aborts;
+    uint64_t stale_commits;
+    uint64_t reclaims;
+    uint64_t producer_waits;
+    uint64_t producer_wait_ns;
+    uint64_t acquires;
+    uint64_t releases;
+    uint64_t consumer_waits;
+    uint64_t consumer_wait_ns;
+    uint64_t consumer_head;   /* ordered mode: next sequence to acquire */
+} shmfeed_counters;
+
+typedef struct shmfeed_slot_info {
+    uint32_t state;           /* SHMFEED_SLOT_* */
+    uint32_t generation;
+    uint64_t seq;
+    uint64_t owner;
+    uint64_t payload_len;
+    uint64_t claim_ns;
+    uint64_t commit_ns;
+} shmfeed_slot_info;
+
+/* ---- segment lifetime ---------------------------------------------------- */
+
+int shmfeed_ring_create(uint32_t slot_count, uint64_t slot_bytes, uint32_t flags,
+                        shmfeed_ring **out, char *err, size_t errlen);
+int shmfeed_ring_attach(const char *path, shmfeed_ring **out, char *err, size_t errlen);
+int shmfeed_ring_detach(shmfeed_ring *ring);
+/* The path another process on this machine opens to attach. */
+int shmfeed_ring_path(const shmfeed_ring *ring, char *buf, size_t buflen);
+int shmfeed_ring_geometry(const shmfeed_ring *ring, shmfeed_geometry *out);
+/* The mapping base; slot i starts at base + data_offset + i * slot_stride. */
+int shmfeed_ring_base(const shmfeed_ring *ring, uint8_t **out);
+/* Bytes a ring of this shape needs, and bytes the machine can give now. */
+int shmfeed_ring_size_for(uint32_t slot_count, uint64_t slot_bytes, uint64_t *out);
+int shmfeed_memory_available(uint32_t flags, uint64_t *out);
+
+/* ---- producer side ------------------------------------------------------- */
+
+int shmfeed_claim(shmfeed_ring *ring, uint64_t seq, uint64_t owner, int64_t timeout_ns,
+                  shmfeed_claimed *out);
+int shmfeed_commit(shmfeed_ring *ring, const shmfeed_claimed *claim, uint64_t payload_len);
+int shmfeed_abort(shmfeed_ring *ring, const shmfeed_claimed *claim);
+
+/* ---- consumer side ------------------------------------------------------- */
+
+int shmfeed_acquire(shmfeed_ring *ring, int64_t timeout_ns, shmfeed_acquired *out);
+int shmfeed_release(shmfeed_ring *ring, const shmfeed_acquired *acquired);
+
+/* ---- control ------------------------------------------------------------- */
+
+/* Free every claim held by a dead owner; writes the freed sequences to
+ * seqs (up to cap) and their number to *n_out. */
+int shmfeed_reclaim(shmfeed_ring *ring, uint64_t owner, uint64_t *seqs, uint32_t cap,
+                    uint32_t *n_out);
+/* Ordered mode: has batch seq been committed (and maybe consumed)? */
+int shmfeed_seq_committed(const shmfeed_ring *ring, uint64_t seq, int32_t *out);
+int shmfeed_close(shmfeed_ring *ring, int32_t code, const char *message);
+/* *code_out is 0 while the ring is open. */
+int shmfeed_close_reason(const shmfeed_ring *ring, int32_t *code_out, char *buf, size_t buflen);
+int shmfeed_counters_read(const shmfeed_ring *ring, shmfeed_counters *out);
+int shmfeed_slot_info_read(const shmfeed_ring *ring, uint32_t slot, shmfeed_slot_info *out);
+/* Length of one wait slice in nanoseconds (close is seen within one). */
+int64_t shmfeed_wait_slice_ns(void);
+/* CLOCK_MONOTONIC now, for latency measurements comparable with commit_ns. */
+uint64_t shmfeed_now_ns(void);
+const char *shmfeed_strerror(int status);
+
+#endif /* SHMFEED_H */

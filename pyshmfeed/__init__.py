@@ -1,0 +1,38 @@
+"""pyshmfeed: keep GPUs fed from a shared-memory ring written by Ray producers.
+
+This module only re-exports the public API; see README.md for the tour.
+Frameworks (torch, tensorflow, jax) are never imported here: their front
+ends live in ``pyshmfeed.adapters`` and import them on first use.
+"""
+
+from .errors import (
+    ConsumerGone,
+    CorruptSegment,
+    InvalidArgument,
+    LayoutVersionMismatch,
+    NoSpace,
+    PayloadTooLarge,
+    ProducerError,
+    ProducerLost,
+    RingClosed,
+    SegmentError,
+    SegmentNotFound,
+    SegmentPermissionError,
+    ShmfeedError,
+    SlotStateError,
+    SpecMismatch,
+    StaleClaim,
+    Timeout,
+    WouldBlock,
+)
+from .ring import ConsumerSlot, ProducerSlot, Ring, RingHandle
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Ring", "RingHandle", "ProducerSlot", "ConsumerSlot",
+    "ShmfeedError", "InvalidArgument", "NoSpace", "SegmentError", "SegmentNotFound",
+    "SegmentPermissionError", "CorruptSegment", "LayoutVersionMismatch", "Timeout", "WouldBlock",
+    "RingClosed", "StaleClaim", "SlotStateError", "PayloadTooLarge", "SpecMismatch", "ProducerError",
+    "ProducerLost", "ConsumerGone",
+]

@@ -1,0 +1,480 @@
+"""The low-level ring: create/attach a segment, claim/commit/abort, acquire/release.
+
+This is the Python face of ``csrc/``: one ``Ring`` per process and segment,
+``ProducerSlot`` between claim and commit, ``ConsumerSlot`` between acquire
+and release. Slot memory is exposed as writable (producer) or read-only
+(consumer) ``memoryview``/numpy views over the shared pages: nothing is
+copied. Who frees what: the creating process owns the segment; it disappears
+when the creator and every attached process have detached (memfd backing),
+or when the creator detaches (named backing, unlinked then).
+
+Waits run in C with the GIL released, in slices of at most ``WAIT_SLICE`` so
+that Python signal handlers (Ctrl-C) and ``stop`` callbacks run between them.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from . import errors
+from ._ffi import ERR_BYTES, check, error_for, ffi, lib
+
+# Why a ring was closed (the code stored in the segment beside the message).
+CLOSE_NORMAL = 1
+CLOSE_PRODUCER_ERROR = 2
+CLOSE_CONSUMER_GONE = 3
+CLOSE_FAILED = 4
+
+WAIT_SLICE = 0.1  # seconds a single C wait may last before Python regains control
+
+_SLOT_STATES = {
+    lib.SHMFEED_SLOT_FREE: "free",
+    lib.SHMFEED_SLOT_CLAIMED: "claimed",
+    lib.SHMFEED_SLOT_READY: "ready",
+    lib.SHMFEED_SLOT_ACQUIRED: "acquired",
+}
+
+
+@dataclass(frozen=True)
+class RingHandle:
+    """What another process on this machine needs to attach: picklable, a few bytes.
+
+    ``path`` is ``/proc/<creator pid>/fd/<fd>`` for the default memfd backing
+    (openable only by processes of the same user) or ``/dev/shm/<name>``.
+    """
+
+    path: str
+    slots: int
+    slot_bytes: int
+    ordered: bool
+    creator_pid: int
+
+
+def new_owner_token() -> int:
+    """A random non-zero 63-bit token identifying one producer's claims."""
+    return secrets.randbits(62) | 1
+
+
+class Ring:
+    """A shared-memory ring of ``slots`` slots of ``slot_bytes`` bytes each.
+
+    Create one in the consumer (``Ring.create``), hand ``ring.handle`` to
+    producers, which ``Ring.attach`` it. Use as a context manager, or call
+    ``detach()``; detaching twice is harmless.
+    """
+
+    def __init__(self, _ptr, *, owner: int | None = None) -> None:
+        self._ptr = _ptr
+        geometry = ffi.new("shmfeed_geometry *")
+        check(lib.shmfeed_ring_geometry(_ptr, geometry), "reading ring geometry")
+        base = ffi.new("uint8_t **")
+        check(lib.shmfeed_ring_base(_ptr, base), "reading ring base")
+        path = ffi.new("char[]", 256)
+        check(lib.shmfeed_ring_path(_ptr, path, 256), "reading ring path")
+        self.slots: int = geometry.slot_count
+        self.slot_bytes: int = geometry.slot_bytes
+        self.slot_stride: int = geometry.slot_stride
+        self.nbytes: int = geometry.segment_bytes
+        self.ordered: bool = bool(geometry.flags & lib.SHMFEED_ORDERED)
+        self.creator_pid: int = geometry.creator_pid
+        self._base = base[0]
+        self._data = base[0] + geometry.data_offset
+        self._path = ffi.string(path).decode()
+        self.owner: int = owner if owner is not None else new_owner_token()
+        self._next_unordered_seq = 0
+
+    # ---- lifetime ---------------------------------------------------------
+
+    @classmethod
+    def create(cls, slots: int, slot_bytes: int, *, ordered: bool = True, backing: str = "memfd") -> "Ring":
+        """Create a ring; every page is reserved now (``NoSpace`` if the machine is short).
+
+        ``backing`` is ``"memfd"`` (default: anonymous, nothing left behind by a
+        crash, not limited by the /dev/shm mount) or ``"named"`` (a 0600 POSIX
+        segment with a random name, for systems without memfd).
+        """
+        if not isinstance(slots, int) or not isinstance(slot_bytes, int):
+            raise errors.InvalidArgument(f"slots and slot_bytes must be ints, got {slots!r}, {slot_bytes!r}")
+        if slots <= 0 or slots > 65536:
+            raise errors.InvalidArgument(f"slots={slots} is out of range: use 1..65536")
+        if slot_bytes <= 0 or slot_bytes >= 1 << 40:
+            raise errors.InvalidArgument(f"slot_bytes={slot_bytes} is out of range: use 1..2**40-1")
+        if backing not in ("memfd", "named"):
+            raise errors.InvalidArgument(f"backing={backing!r}: use 'memfd' or 'named'")
+        flags = (lib.SHMFEED_ORDERED if ordered else 0) | (lib.SHMFEED_NAMED if backing == "named" else 0)
+        out = ffi.new("shmfeed_ring **")
+        err = ffi.new("char[]", ERR_BYTES)
+        check(lib.shmfeed_ring_create(slots, slot_bytes, flags, out, err, ERR_BYTES), "creating ring", err)
+        return cls(out[0])
+
+    @classmethod
+    def attach(cls, handle: "RingHandle | str", *, owner: int | None = None) -> "Ring":
+        """Attach to a ring created by another process; validates the whole header first."""
+        path = handle.path if isinstance(handle, RingHandle) else str(handle)
+        out = ffi.new("shmfeed_ring **")
+        err = ffi.new("char[]", ERR_BYTES)
+        check(lib.shmfeed_ring_attach(path.encode(), out, err, ERR_BYTES), f"attaching ring {path}", err)
+        return cls(out[0], owner=owner)
+
+    @property
+    def handle(self) -> RingHandle:
+        return RingHandle(self._path, self.slots, self.slot_bytes, self.ordered, self.creator_pid)
+
+    @property
+    def attached(self) -> bool:
+        return self._ptr is not None
+
+    def detach(self) -> None:
+        """Unmap the segment. Views handed out before become invalid: copy what you keep."""
+        ptr, self._ptr = self._ptr, None
+        if ptr is not None:
+            lib.shmfeed_ring_detach(ptr)
+
+    def __enter__(self) -> "Ring":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+    def __del__(self) -> None:  # last resort; detach() is the documented way
+        try:
+            self.detach()
+        except Exception:
+            pass
+
+    def _live(self):
+        if self._ptr is None:
+            raise errors.SlotStateError("the ring is detached")
+        return self._ptr
+
+    # ---- slot memory --------------------------------------------------------
+
+    def slot_buffer(self, slot: int, nbytes: int | None = None):
+        """A cffi buffer over slot ``slot`` (zero copy). For tests and adapters."""
+        self._live()
+        if not 0 <= slot < self.slots:
+            raise errors.InvalidArgument(f"slot {slot} is out of range 0..{self.slots - 1}")
+        n = self.slot_bytes if nbytes is None else nbytes
+        return ffi.buffer(self._data + slot * self.slot_stride, n)
+
+    def slot_address(self, slot: int) -> int:
+        """The virtual address of slot ``slot`` in this process (for page-locking, DMA)."""
+        return int(ffi.cast("uintptr_t", self._data + slot * self.slot_stride))
+
+    @property
+    def data_address(self) -> int:
+        """Address of slot 0; slots follow every ``slot_stride`` bytes."""
+        return int(ffi.cast("uintptr_t", self._data))
+
+    @property
+    def data_nbytes(self) -> int:
+        return self.slots * self.slot_stride
+
+    # ---- waits --------------------------------------------------------------
+
+    def _wait(self, call: Callable[[int], int], what: str, timeout: float | None,
+              stop: Callable[[], bool] | None) -> None:
+        """Run a C wait in slices until it returns something other than TIMEOUT."""
+        if timeout is not None and timeout <= 0:
+            rc = call(0)
+            if rc == lib.SHMFEED_E_AGAIN:
+                raise errors.WouldBlock(f"{what}: nothing available now")
+            self._check_wait(rc, what)
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            slice_s = WAIT_SLICE if deadline is None else min(WAIT_SLICE, max(deadline - time.monotonic(), 0))
+            rc = call(max(int(slice_s * 1e9), 1))
+            if rc not in (lib.SHMFEED_E_TIMEOUT, lib.SHMFEED_E_AGAIN):
+                self._check_wait(rc, what)
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                raise errors.Timeout(f"{what}: nothing happened within {timeout:g} s")
+            if stop is not None and stop():
+                raise errors.RingClosed(f"{what}: stopped by request", code=CLOSE_NORMAL)
+
+    def _check_wait(self, rc: int, what: str) -> None:
+        if rc == lib.SHMFEED_E_CLOSED:
+            code, reason = self.close_reason()
+            raise errors.RingClosed(f"{what}: the ring is closed" + (f": {reason}" if reason else ""),
+                                    code=code, reason=reason)
+        check(rc, what)
+
+    # ---- producer side ------------------------------------------------------
+
+    def claim(self, seq: int | None = None, *, timeout: float | None = None,
+              stop: Callable[[], bool] | None = None) -> "ProducerSlot":
+        """Claim the slot for batch ``seq`` (ordered rings: required) and return it for writing.
+
+        Blocks until the slot is free (the consumer released batch ``seq - slots``).
+        Raises ``StaleClaim`` if batch ``seq`` was already committed, ``RingClosed``
+        if either side closed the ring, ``Timeout`` after ``timeout`` seconds.
+        Use as ``with ring.claim(s) as slot: ...``: a clean exit commits the whole
+        slot (or what ``slot.commit(n)`` said), an exception aborts it.
+        """
+        ptr = self._live()
+        if seq is None:
+            if self.ordered:
+                raise errors.InvalidArgument("an ordered ring needs the batch sequence: claim(seq)")
+            seq = self._next_unordered_seq
+            self._next_unordered_seq += 1
+        if seq < 0 or seq >= 1 << 46:
+            raise errors.InvalidArgument(f"seq={seq} is out of range 0..2**46-1")
+        out = ffi.new("shmfeed_claimed *")
+        owner = self.owner
+        self._wait(lambda ns: lib.shmfeed_claim(ptr, seq, owner, ns, out), f"claiming slot for batch {seq}",
+                   timeout, stop)
+        return ProducerSlot(self, out)
+
+    def reclaim(self, owner: int) -> list[int]:
+        """Take back every claim of a dead producer; returns the batch sequences to re-issue."""
+        ptr = self._live()
+        seqs = ffi.new("uint64_t[]", self.slots)
+        n = ffi.new("uint32_t *")
+        check(lib.shmfeed_reclaim(ptr, owner, seqs, self.slots, n), f"reclaiming owner {owner:#x}")
+        return [int(seqs[i]) for i in range(n[0])]
+
+    def seq_committed(self, seq: int) -> bool:
+        """Ordered rings: has batch ``seq`` been committed (and maybe consumed already)?"""
+        out = ffi.new("int32_t *")
+        check(lib.shmfeed_seq_committed(self._live(), seq, out), f"checking batch {seq}")
+        return bool(out[0])
+
+    # ---- consumer side ------------------------------------------------------
+
+    def acquire(self, timeout: float | None = None, *, stop: Callable[[], bool] | None = None) -> "ConsumerSlot":
+        """Take the next ready batch (ordered: the next sequence; unordered: oldest commit).
+
+        The returned slot's memory is valid until ``release()``. Raises
+        ``RingClosed`` once the ring is closed and nothing ready remains.
+        """
+        ptr = self._live()
+        out = ffi.new("shmfeed_acquired *")
+        self._wait(lambda ns: lib.shmfeed_acquire(ptr, ns, out), "acquiring the next batch", timeout, stop)
+        return ConsumerSlot(self, out)
+
+    def try_acquire(self) -> "ConsumerSlot | None":
+        """``acquire`` without waiting: ``None`` when nothing is ready."""
+        try:
+            return self.acquire(timeout=0)
+        except errors.WouldBlock:
+            return None
+
+    # ---- control ------------------------------------------------------------
+
+    def close(self, reason: str = "", code: int = CLOSE_NORMAL) -> None:
+        """Close the ring for everyone: every waiter wakes and raises ``RingClosed``.
+
+        The first close wins; later ones keep its code and reason.
+        """
+        if self._ptr is None:
+            return
+        check(lib.shmfeed_close(self._ptr, code, reason.encode(errors="replace")[:2000]), "closing ring")
+
+    def close_reason(self) -> tuple[int, str]:
+        """``(0, "")`` while open; ``(code, reason)`` once closed."""
+        code = ffi.new("int32_t *")
+        buf = ffi.new("char[]", 2048)
+        check(lib.shmfeed_close_reason(self._live(), code, buf, 2048), "reading close reason")
+        return int(code[0]), ffi.string(buf).decode(errors="replace")
+
+    @property
+    def closed(self) -> bool:
+        return self.close_reason()[0] != 0
+
+    def counters(self) -> dict[str, int]:
+        """Monotonic counters kept in the segment (commits, acquires, waits, wait time...)."""
+        c = ffi.new("shmfeed_counters *")
+        check(lib.shmfeed_counters_read(self._live(), c), "reading counters")
+        return {name: int(getattr(c, name)) for name, _ in ffi.typeof("shmfeed_counters").fields}
+
+    def slot_info(self, slot: int) -> dict[str, object]:
+        """State, sequence, owner, payload length and timestamps of one slot (for inspect)."""
+        info = ffi.new("shmfeed_slot_info *")
+        check(lib.shmfeed_slot_info_read(self._live(), slot, info), f"reading slot {slot}")
+        out = {name: int(getattr(info, name)) for name, _ in ffi.typeof("shmfeed_slot_info").fields}
+        out["state"] = _SLOT_STATES[info.state]
+        return out
+
+    def occupancy(self) -> dict[str, int]:
+        """How many slots are in each state right now."""
+        counts = dict.fromkeys(_SLOT_STATES.values(), 0)
+        info = ffi.new("shmfeed_slot_info *")
+        for i in range(self.slots):
+            lib.shmfeed_slot_info_read(self._live(), i, info)
+            counts[_SLOT_STATES[info.state]] += 1
+        return counts
+
+    def __repr__(self) -> str:
+        mode = "ordered" if self.ordered else "unordered"
+        return f"<Ring {self.slots}x{self.slot_bytes}B {mode} {self._path}>"
+
+
+class ProducerSlot:
+    """A claimed slot: write into ``memory`` (or ``array(...)`` views), then commit or abort."""
+
+    __slots__ = ("_ring", "_claim", "seq", "slot", "_done", "_commit_bytes")
+
+    def __init__(self, ring: Ring, claim) -> None:
+        self._ring = ring
+        self._claim = claim
+        self.seq: int = claim.seq
+        self.slot: int = claim.slot
+        self._done = False
+        self._commit_bytes: int | None = None
+
+    @property
+    def memory(self) -> memoryview:
+        """The whole slot, writable, zero copy."""
+        self._check_open()
+        return memoryview(self._ring.slot_buffer(self.slot))
+
+    def array(self, dtype, shape, offset: int = 0) -> np.ndarray:
+        """A writable numpy view of part of the slot (bounds checked)."""
+        self._check_open()
+        return _view(self._ring, self.slot, dtype, shape, offset, self._ring.slot_bytes, writable=True)
+
+    def commit(self, nbytes: int | None = None) -> None:
+        """Publish the batch; ``nbytes`` (default: the whole slot) is the payload length."""
+        self._check_open()
+        n = self._ring.slot_bytes if nbytes is None else nbytes
+        if n < 0:
+            raise errors.InvalidArgument(f"nbytes={n} is negative")
+        rc = lib.shmfeed_commit(self._ring._live(), self._claim, n)
+        if rc == lib.SHMFEED_E_TOOBIG:
+            raise errors.PayloadTooLarge(
+                f"payload of {n} bytes does not fit a slot of {self._ring.slot_bytes} bytes; "
+                "the claim is still held: commit less or abort")
+        if rc == lib.SHMFEED_E_STALE:
+            self._done = True
+            raise errors.StaleClaim(
+                f"batch {self.seq}: this claim on slot {self.slot} was reclaimed (the producer was presumed "
+                "dead) and the batch re-issued; nothing was published")
+        if rc == lib.SHMFEED_E_STATE:
+            self._done = True
+        if rc < 0:
+            self._ring._check_wait(rc, f"committing batch {self.seq}")
+        self._done = True
+
+    def abort(self) -> None:
+        """Give the slot back unpublished; the same batch may be claimed again."""
+        self._check_open()
+        self._done = True
+        rc = lib.shmfeed_abort(self._ring._live(), self._claim)
+        if rc == lib.SHMFEED_E_STALE:
+            return  # already taken back: aborting is then a no-op
+        check(rc, f"aborting batch {self.seq}")
+
+    def set_commit_bytes(self, nbytes: int) -> None:
+        """Length the context manager will commit on a clean exit."""
+        self._commit_bytes = nbytes
+
+    def _check_open(self) -> None:
+        if self._done:
+            raise errors.SlotStateError(f"batch {self.seq}: the claim on slot {self.slot} is already "
+                                        "committed or aborted")
+
+    def __enter__(self) -> "ProducerSlot":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._done:
+            return
+        if exc_type is not None:
+            try:
+                self.abort()
+            except errors.ShmfeedError:
+                pass  # the original exception matters more
+        else:
+            self.commit(self._commit_bytes)
+
+
+class ConsumerSlot:
+    """An acquired batch: read ``memory`` (read-only, zero copy) until ``release()``."""
+
+    __slots__ = ("_ring", "_acq", "seq", "slot", "nbytes", "commit_ns", "_released")
+
+    def __init__(self, ring: Ring, acquired) -> None:
+        self._ring = ring
+        self._acq = acquired
+        self.seq: int = acquired.seq
+        self.slot: int = acquired.slot
+        self.nbytes: int = acquired.payload_len
+        self.commit_ns: int = acquired.commit_ns
+        self._released = False
+
+    @property
+    def memory(self) -> memoryview:
+        """The payload (``nbytes`` long), read-only, zero copy; invalid after release."""
+        self._check_open()
+        return memoryview(self._ring.slot_buffer(self.slot, self.nbytes)).toreadonly()
+
+    def array(self, dtype, shape, offset: int = 0, *, writable: bool = False) -> np.ndarray:
+        """A numpy view over the payload (bounds checked against ``nbytes``)."""
+        self._check_open()
+        return _view(self._ring, self.slot, dtype, shape, offset, self.nbytes, writable=writable)
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    def release(self) -> None:
+        """Give the slot back to the producers. Views taken before must not be read after."""
+        if self._released:
+            raise errors.SlotStateError(f"batch {self.seq}: slot {self.slot} was already released")
+        self._released = True
+        check(lib.shmfeed_release(self._ring._live(), self._acq), f"releasing batch {self.seq}")
+
+    def _check_open(self) -> None:
+        if self._released:
+            raise errors.SlotStateError(f"batch {self.seq}: slot {self.slot} was released; its memory "
+                                        "now belongs to a producer (copy what you keep before releasing)")
+
+    def __enter__(self) -> "ConsumerSlot":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self._released:
+            self.release()
+
+
+def _view(ring: Ring, slot: int, dtype, shape, offset: int, limit: int, *, writable: bool) -> np.ndarray:
+    dtype = np.dtype(dtype)
+    shape = tuple(int(s) for s in (shape if isinstance(shape, (tuple, list)) else (shape,)))
+    count = 1
+    for s in shape:
+        if s < 0:
+            raise errors.InvalidArgument(f"negative dimension in shape {shape}")
+        count *= s
+    end = offset + count * dtype.itemsize
+    if offset < 0 or end > limit:
+        raise errors.PayloadTooLarge(f"a {dtype} array of shape {shape} at offset {offset} ends at byte {end}, "
+                                     f"past the {limit} bytes available")
+    buf = ring.slot_buffer(slot, limit)
+    arr = np.frombuffer(buf, dtype=dtype, count=count, offset=offset).reshape(shape)
+    if not writable:
+        arr.flags.writeable = False
+    return arr
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (used to notice a dead creator/consumer)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+__all__ = [
+    "Ring", "RingHandle", "ProducerSlot", "ConsumerSlot", "new_owner_token", "process_alive",
+    "CLOSE_NORMAL", "CLOSE_PRODUCER_ERROR", "CLOSE_CONSUMER_GONE", "CLOSE_FAILED", "error_for",
+]
