@@ -25,11 +25,15 @@ from .errors import (
     Timeout,
     WouldBlock,
 )
+from .feed import Feed
 from .ring import ConsumerSlot, ProducerSlot, Ring, RingHandle
+from .source import SlotArrays, SourceContext
+from .spec import ArraySpec, Batch, BatchSpec
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Feed", "BatchSpec", "ArraySpec", "Batch", "SourceContext", "SlotArrays",
     "Ring", "RingHandle", "ProducerSlot", "ConsumerSlot",
     "ShmfeedError", "InvalidArgument", "NoSpace", "SegmentError", "SegmentNotFound",
     "SegmentPermissionError", "CorruptSegment", "LayoutVersionMismatch", "Timeout", "WouldBlock",

@@ -1,0 +1,146 @@
+"""The producer loop, run inside a Ray actor: attach, then claim → write → commit.
+
+One ``Producer`` per process. The feed calls ``run(tasks)`` with a chunk of
+``(seq, index, epoch)`` tasks (indexed sources) or ``run_shard(...)`` (generator
+sources). Each batch is written straight into its ring slot; nothing about a
+batch travels through Ray except its index.
+
+Failure handling (see NOTE [producer lifecycle] in feed.py):
+  - a user function that raises: the slot is aborted and ``run`` *returns* an
+    error record (index, worker, traceback text); the feed closes the ring
+    with it so the training loop raises ``ProducerError``;
+  - ``StaleClaim`` on claim or commit: the batch was already committed or
+    re-issued elsewhere; this producer skips it;
+  - the ring closed, or the consumer process gone: ``run`` returns at once.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import traceback
+from typing import Any, Callable
+
+from . import errors
+from .ring import Ring, RingHandle, process_alive
+from .source import SourceContext, copy_batch_into, write_indexed_batch
+from .spec import BatchSpec, SlotLayout
+
+# Test hook (fault injection): "STEP:N:MARKER" makes a producer SIGKILL itself at
+# STEP (claim, write, commit, after_commit) of its N-th batch, once: the first
+# producer to get there creates the file MARKER and dies; others carry on.
+KILL_HOOK_ENV = "PYSHMFEED_TEST_KILL_AT"
+
+
+class Producer:
+    """Writes batches into ring slots. Construct inside the producer process."""
+
+    def __init__(self, handle: RingHandle, spec: BatchSpec, kind: str, fn: Callable[..., Any], worker: int,
+                 num_workers: int, seed: int, consumer_pid: int) -> None:
+        self.ring = Ring.attach(handle)
+        self.spec = spec
+        self.kind = kind
+        self.fn = fn
+        self.worker = worker
+        self.num_workers = num_workers
+        self.seed = seed
+        self.consumer_pid = consumer_pid
+        self.layouts = [SlotLayout(spec, self.ring.slot_buffer(i), self.ring.slot_bytes)
+                        for i in range(self.ring.slots)]
+        self._batches = 0
+        self._kill_at = _parse_kill_hook(os.environ.get(KILL_HOOK_ENV, ""))
+
+    def identity(self) -> dict[str, int]:
+        """Who this producer is: the feed reclaims by ``owner`` if it dies."""
+        return {"pid": os.getpid(), "owner": self.ring.owner, "worker": self.worker}
+
+    def _consumer_gone(self) -> bool:
+        return not process_alive(self.consumer_pid)
+
+    def _maybe_die(self, step: str) -> None:
+        if self._kill_at is None or self._kill_at[:2] != (step, self._batches):
+            return
+        try:
+            os.close(os.open(self._kill_at[2], os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:
+            return
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    def _produce(self, seq: int, index: int, ctx: SourceContext, write: Callable[[SlotLayout], list]) -> float:
+        """Claim slot for ``seq``, write via ``write``, commit. Returns busy seconds (0 if skipped)."""
+        self._maybe_die("claim")
+        try:
+            slot = self.ring.claim(seq, stop=self._consumer_gone)
+        except errors.StaleClaim:
+            return 0.0  # already committed by someone else: a re-issue raced us
+        t0 = time.perf_counter()
+        layout = self.layouts[slot.slot]
+        try:
+            self._maybe_die("write")
+            shapes = write(layout)
+            nbytes = layout.write_header(index=index, epoch=ctx.epoch, seq=seq, worker=self.worker,
+                                         shapes=shapes)
+        except BaseException:
+            slot.abort()
+            raise
+        busy = time.perf_counter() - t0
+        self._maybe_die("commit")
+        try:
+            slot.commit(nbytes)
+        except errors.StaleClaim:
+            return 0.0
+        self._maybe_die("after_commit")
+        self._batches += 1
+        return busy
+
+    def run(self, tasks: list[tuple[int, int, int]]) -> dict[str, Any]:
+        """Make each ``(seq, index, epoch)`` task, in order. Never raises for user errors."""
+        busy = 0.0
+        done = 0
+        for seq, index, epoch in tasks:
+            ctx = SourceContext(self.worker, self.num_workers, epoch, self.seed)
+            try:
+                busy += self._produce(seq, index, ctx,
+                                      lambda layout: write_indexed_batch(self.kind, self.fn, layout, index, ctx))
+            except errors.RingClosed:
+                return {"done": done, "busy_s": busy, "closed": True}
+            except Exception as exc:  # a user function (or its batch) failed
+                return {"done": done, "busy_s": busy, "error": _error_record(exc, index, self.worker)}
+            done += 1
+        return {"done": done, "busy_s": busy}
+
+    def run_shard(self, epoch: int, skip: int, seq_base: int) -> dict[str, Any]:
+        """Run ``shards(worker, num_workers, ctx)`` for one epoch, skipping the first ``skip`` batches
+        (already delivered before a restart). Returns how many batches the shard has in total."""
+        ctx = SourceContext(self.worker, self.num_workers, epoch, self.seed)
+        busy = 0.0
+        position = -1
+        try:
+            iterator = iter(self.fn(self.worker, self.num_workers, ctx))
+            for position, batch in enumerate(iterator):
+                if position < skip:
+                    continue
+                busy += self._produce(seq_base + position, position, ctx,
+                                      lambda layout, b=batch: copy_batch_into(layout, b))
+        except errors.RingClosed:
+            return {"count": position + 1, "busy_s": busy, "closed": True}
+        except Exception as exc:
+            return {"count": position + 1, "busy_s": busy,
+                    "error": _error_record(exc, max(position, 0), self.worker)}
+        return {"count": position + 1, "busy_s": busy}
+
+    def shutdown(self) -> None:
+        self.ring.detach()
+
+
+def _error_record(exc: BaseException, index: int, worker: int) -> dict[str, Any]:
+    return {"index": index, "worker": worker, "type": type(exc).__name__, "message": str(exc),
+            "traceback": traceback.format_exc()}
+
+
+def _parse_kill_hook(value: str) -> tuple[str, int, str] | None:
+    if not value:
+        return None
+    step, n, marker = value.split(":", 2)
+    return (step, int(n), marker)

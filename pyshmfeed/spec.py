@@ -1,0 +1,345 @@
+"""Batches in slots: what a batch looks like (``BatchSpec``) and where it lives in a slot.
+
+A slot holds a small header, then each array at an aligned offset:
+
+    ┌──────────────┬─────────┬──────────────┬─────────┬──────────────┐
+    │ slot header  │ pad     │ array 0      │ pad     │ array 1 ...  │
+    └──────────────┴─────────┴──────────────┴─────────┴──────────────┘
+    header: magic, array count, batch index, epoch, ring sequence, worker,
+            metadata length, then the *actual* shape of each array (a last
+            partial batch may be smaller than the maximum), then up to
+            ``META_BYTES`` of user metadata.
+
+Arrays start on a 64-byte boundary, and on a 4096-byte (page) boundary when
+they are at least a page long, which is what DMA engines like. An array's
+elements are stored C-contiguous in its *actual* shape, so a consumer view is
+one ``np.ndarray`` over slot memory: no copy on either side.
+
+The consumer never trusts the header: the array count, every dimension and
+the metadata length are checked against this spec before a view is built.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .errors import CorruptSegment, InvalidArgument, SpecMismatch
+
+MAX_DIMS = 8
+META_BYTES = 256
+SLOT_MAGIC = 0x53464231  # "SFB1"
+_FIXED_HEADER = np.dtype([
+    ("magic", "<u4"), ("narrays", "<u4"), ("index", "<i8"), ("epoch", "<i8"), ("seq", "<u8"),
+    ("worker", "<i4"), ("meta_len", "<u4"),
+])  # 40 bytes
+
+
+def _align(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    """One array of a batch: its name, maximum shape and dtype."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: np.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+class BatchSpec:
+    """The arrays of a batch, each with a dtype and a maximum shape.
+
+    Named arrays (batches are mappings)::
+
+        BatchSpec(x=((4, 1_000_000, 3), "float32"), y=((4, 1), "float32"))
+
+    or positional arrays (batches are tuples, as classic generators yield)::
+
+        BatchSpec([((4, 1_000_000, 3), "float32"), ((4, 1), "float32")])
+
+    ``slot_bytes`` is the slot size a ring needs for one batch.
+    """
+
+    def __init__(self, arrays: Any = None, /, **named: Any) -> None:
+        if arrays is not None and named:
+            raise InvalidArgument("give arrays either positionally (a list or dict) or as keywords, not both")
+        if arrays is None:
+            arrays = named
+        if isinstance(arrays, Mapping):
+            items = list(arrays.items())
+            self.positional = False
+        elif isinstance(arrays, (list, tuple)):
+            items = [(str(i), a) for i, a in enumerate(arrays)]
+            self.positional = True
+        else:
+            raise InvalidArgument(f"BatchSpec takes named arrays or a list of (shape, dtype), got {arrays!r}")
+        if not items:
+            raise InvalidArgument("a BatchSpec needs at least one array")
+        specs = []
+        for name, desc in items:
+            specs.append(_array_spec(str(name), desc))
+        self.arrays: tuple[ArraySpec, ...] = tuple(specs)
+        self.names: tuple[str, ...] = tuple(a.name for a in specs)
+        self._by_name = {a.name: i for i, a in enumerate(specs)}
+        # Layout: header, then each array aligned.
+        self.header_bytes = _align(_FIXED_HEADER.itemsize + len(specs) * MAX_DIMS * 8 + META_BYTES, 64)
+        self._shapes_offset = _FIXED_HEADER.itemsize
+        self._meta_offset = self._shapes_offset + len(specs) * MAX_DIMS * 8
+        offsets = []
+        pos = self.header_bytes
+        for a in specs:
+            pos = _align(pos, 4096 if a.nbytes >= 4096 else 64)
+            offsets.append(pos)
+            pos += a.nbytes
+        self.offsets: tuple[int, ...] = tuple(offsets)
+        self.slot_bytes: int = max(pos, 1)
+
+    @property
+    def batch_bytes(self) -> int:
+        """Bytes of array data in a full batch (what a copy of one batch moves)."""
+        return sum(a.nbytes for a in self.arrays)
+
+    def index_of(self, name: str) -> int:
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise SpecMismatch(f"batch has no array named {name!r}; the spec has {list(self.names)}") from None
+
+    def __repr__(self) -> str:
+        inner = ", ".join(f"{a.name}=({a.shape}, {a.dtype})" for a in self.arrays)
+        return f"BatchSpec({inner})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, BatchSpec) and self.arrays == other.arrays and self.positional == other.positional
+
+    def __hash__(self) -> int:
+        return hash((self.arrays, self.positional))
+
+    # ---- producer side ------------------------------------------------------
+
+    def check_array(self, i: int, value: Any) -> np.ndarray:
+        """``value`` as an ndarray that fits array ``i``, or ``SpecMismatch`` saying why not."""
+        a = self.arrays[i]
+        arr = np.asarray(value)
+        if arr.dtype != a.dtype:
+            raise SpecMismatch(f"array {a.name!r}: dtype {arr.dtype}, the spec says {a.dtype} "
+                               f"(convert in the source, e.g. .astype({str(a.dtype)!r}))")
+        if arr.ndim != len(a.shape):
+            raise SpecMismatch(f"array {a.name!r}: shape {arr.shape} has rank {arr.ndim}, the spec's maximum "
+                               f"shape {a.shape} has rank {len(a.shape)}")
+        if any(d > m for d, m in zip(arr.shape, a.shape)):
+            raise SpecMismatch(f"array {a.name!r}: shape {arr.shape} is larger than the spec's maximum {a.shape}")
+        return arr
+
+    def items_of(self, batch: Any) -> list[Any]:
+        """The arrays of a user batch in spec order (mapping by name, or sequence by position)."""
+        if isinstance(batch, Mapping):
+            extra = set(batch) - set(self.names)
+            if extra:
+                raise SpecMismatch(f"batch has arrays {sorted(extra)} that the spec does not name; "
+                                   f"the spec has {list(self.names)}")
+            missing = [n for n in self.names if n not in batch]
+            if missing:
+                raise SpecMismatch(f"batch lacks arrays {missing}")
+            return [batch[n] for n in self.names]
+        if isinstance(batch, (tuple, list)):
+            if len(batch) != len(self.arrays):
+                raise SpecMismatch(f"batch has {len(batch)} arrays, the spec has {len(self.arrays)}")
+            return list(batch)
+        if len(self.arrays) == 1:
+            return [batch]
+        raise SpecMismatch(f"a batch must be a mapping or a tuple of {len(self.arrays)} arrays, "
+                           f"got {type(batch).__name__}")
+
+
+def _array_spec(name: str, desc: Any) -> ArraySpec:
+    if isinstance(desc, ArraySpec):
+        return ArraySpec(name, desc.shape, desc.dtype)
+    try:
+        shape, dtype = desc
+        shape = tuple(int(d) for d in (shape if isinstance(shape, (tuple, list)) else (shape,)))
+        dtype = np.dtype(dtype)
+    except (TypeError, ValueError) as exc:
+        raise InvalidArgument(f"array {name!r}: expected (shape, dtype), got {desc!r}") from exc
+    if len(shape) > MAX_DIMS:
+        raise InvalidArgument(f"array {name!r}: rank {len(shape)} is over the maximum of {MAX_DIMS}")
+    if any(d <= 0 for d in shape):
+        raise InvalidArgument(f"array {name!r}: every maximum dimension must be positive, got {shape}")
+    if dtype.hasobject:
+        raise InvalidArgument(f"array {name!r}: dtype {dtype} holds Python objects, which cannot live in "
+                              "shared memory")
+    return ArraySpec(name, shape, dtype)
+
+
+class SlotLayout:
+    """The views of one spec over one slot's bytes, built once and reused.
+
+    A producer writes through ``writer_arrays`` (writable, maximum shape) and
+    records the actual shapes with ``write_header``; a consumer reads the
+    header with ``read`` and gets views in the actual shapes.
+    """
+
+    def __init__(self, spec: BatchSpec, buffer: Any, slot_bytes: int) -> None:
+        if spec.slot_bytes > slot_bytes:
+            raise InvalidArgument(f"{spec} needs {spec.slot_bytes} bytes per slot, the ring's slots have "
+                                  f"{slot_bytes}")
+        self.spec = spec
+        self.raw = np.frombuffer(buffer, dtype=np.uint8, count=slot_bytes)
+        self.header = self.raw[: _FIXED_HEADER.itemsize].view(_FIXED_HEADER)[0:1]
+        n = len(spec.arrays)
+        self.shapes = self.raw[spec._shapes_offset: spec._shapes_offset + n * MAX_DIMS * 8].view("<i8")
+        self.shapes = self.shapes.reshape(n, MAX_DIMS)
+        self.meta = self.raw[spec._meta_offset: spec._meta_offset + META_BYTES]
+        self.full = [self.raw[off: off + a.nbytes].view(a.dtype).reshape(a.shape)
+                     for a, off in zip(spec.arrays, spec.offsets)]
+
+    # ---- producer -----------------------------------------------------------
+
+    def writer_arrays(self) -> list[np.ndarray]:
+        """Writable views of every array at its maximum shape."""
+        return self.full
+
+    def shaped(self, i: int, shape: tuple[int, ...]) -> np.ndarray:
+        """A writable view of array ``i`` stored contiguously in ``shape``."""
+        a = self.spec.arrays[i]
+        off = self.spec.offsets[i]
+        n = math.prod(shape) * a.dtype.itemsize
+        return self.raw[off: off + n].view(a.dtype).reshape(shape)
+
+    def write_header(self, *, index: int, epoch: int, seq: int, worker: int,
+                     shapes: list[tuple[int, ...]], meta: bytes = b"") -> int:
+        """Record the batch's identity and actual shapes; returns the payload length to commit."""
+        if len(meta) > META_BYTES:
+            raise SpecMismatch(f"batch metadata is {len(meta)} bytes; at most {META_BYTES} fit in a slot")
+        h = self.header
+        h["magic"] = SLOT_MAGIC
+        h["narrays"] = len(shapes)
+        h["index"] = index
+        h["epoch"] = epoch
+        h["seq"] = seq
+        h["worker"] = worker
+        h["meta_len"] = len(meta)
+        end = self.spec.header_bytes
+        for i, shape in enumerate(shapes):
+            row = self.shapes[i]
+            row[: len(shape)] = shape
+            row[len(shape):] = 0
+            a = self.spec.arrays[i]
+            end = self.spec.offsets[i] + math.prod(shape) * a.dtype.itemsize
+        if meta:
+            self.meta[: len(meta)] = np.frombuffer(meta, dtype=np.uint8)
+        return end
+
+    # ---- consumer -----------------------------------------------------------
+
+    def read(self, nbytes: int) -> tuple[dict[str, int], list[np.ndarray], bytes]:
+        """Identity, read-only array views in their actual shapes, and metadata.
+
+        Validates everything against the spec: a header written by a buggy or
+        hostile producer raises ``CorruptSegment``, never a bad view.
+        """
+        spec = self.spec
+        h = self.header[0]
+        if int(h["magic"]) != SLOT_MAGIC or int(h["narrays"]) != len(spec.arrays):
+            raise CorruptSegment(f"slot header: magic {int(h['magic']):#x}, {int(h['narrays'])} arrays; "
+                                 f"expected {SLOT_MAGIC:#x} and {len(spec.arrays)} (producer and consumer "
+                                 "disagree on the spec, or the slot was overwritten)")
+        meta_len = int(h["meta_len"])
+        if meta_len > META_BYTES:
+            raise CorruptSegment(f"slot header: metadata length {meta_len} > {META_BYTES}")
+        views = []
+        shapes = self.shapes.copy()  # one snapshot: the checks and the views use the same numbers
+        for i, a in enumerate(spec.arrays):
+            nd = len(a.shape)
+            shape = tuple(int(d) for d in shapes[i, :nd])
+            if any(d < 0 or d > m for d, m in zip(shape, a.shape)):
+                raise CorruptSegment(f"slot header: array {a.name!r} has shape {shape}, outside the spec's "
+                                     f"maximum {a.shape}")
+            end = spec.offsets[i] + math.prod(shape) * a.dtype.itemsize
+            if end > nbytes:
+                raise CorruptSegment(f"slot header: array {a.name!r} ends at byte {end}, past the "
+                                     f"{nbytes}-byte payload")
+            v = self.full[i] if shape == a.shape else self.shaped(i, shape)
+            v = v.view()
+            v.flags.writeable = False
+            views.append(v)
+        ident = {"index": int(h["index"]), "epoch": int(h["epoch"]), "seq": int(h["seq"]),
+                 "worker": int(h["worker"])}
+        return ident, views, bytes(self.meta[:meta_len]) if meta_len else b""
+
+
+class Batch(Mapping):
+    """One batch as the training loop sees it: arrays by name (or position), plus identity.
+
+    The arrays are read-only numpy views over ring memory: **valid until the
+    loop asks for the next batch**, when the slot goes back to the producers.
+    ``batch.copy()`` returns a ``Batch`` that owns copies and stays valid.
+
+    Named specs behave like a dict (``batch["x"]``); positional specs also
+    unpack like a tuple (``x, y = batch``) and index by position.
+    """
+
+    __slots__ = ("_names", "_arrays", "positional", "index", "epoch", "worker", "meta", "seq")
+
+    def __init__(self, names: tuple[str, ...], arrays: list[Any], *, positional: bool = False,
+                 index: int = -1, epoch: int = 0, worker: int = -1, meta: bytes = b"", seq: int = -1) -> None:
+        self._names = names
+        self._arrays = arrays
+        self.positional = positional
+        self.index = index
+        self.epoch = epoch
+        self.worker = worker
+        self.meta = meta
+        self.seq = seq
+
+    def __getitem__(self, key: str | int) -> Any:
+        if isinstance(key, int):
+            return self._arrays[key]
+        try:
+            return self._arrays[self._names.index(key)]
+        except ValueError:
+            raise KeyError(key) from None
+
+    def __iter__(self) -> Iterator[Any]:
+        return iter(self._arrays) if self.positional else iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._arrays)
+
+    def keys(self):  # type: ignore[override]
+        return list(self._names)
+
+    def values(self):  # type: ignore[override]
+        return list(self._arrays)
+
+    def items(self):  # type: ignore[override]
+        return list(zip(self._names, self._arrays))
+
+    def as_tuple(self) -> tuple[Any, ...]:
+        return tuple(self._arrays)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(zip(self._names, self._arrays))
+
+    def map(self, fn) -> "Batch":
+        """A new Batch with ``fn`` applied to each array (used by the device adapters)."""
+        return Batch(self._names, [fn(a) for a in self._arrays], positional=self.positional, index=self.index,
+                     epoch=self.epoch, worker=self.worker, meta=self.meta, seq=self.seq)
+
+    def copy(self) -> "Batch":
+        """A Batch that owns its arrays (one copy) and outlives the slot."""
+        return self.map(lambda a: a.copy() if hasattr(a, "copy") else a.clone())
+
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{n}={getattr(a, 'shape', '?')}" for n, a in zip(self._names, self._arrays))
+        return f"<Batch index={self.index} epoch={self.epoch} {shapes}>"
