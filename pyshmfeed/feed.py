@@ -84,6 +84,7 @@ class Feed:
                  prefetch: int = 2, num_cpus: float = 0.25, address: str | None = None,
                  lease: float | None = 600.0, max_restarts: int | None = None, chunk: int | None = None,
                  state: dict | None = None, backing: str = "memfd", device: str = "cpu",
+                 rank: int = 0, world_size: int = 1,
                  _actor_options: dict | None = None) -> None:
         self._created = time.perf_counter()
         self._closed = False
@@ -119,6 +120,12 @@ class Feed:
             raise errors.InvalidArgument(f"num_cpus must be >= 0, got {num_cpus!r}")
         if lease is not None and lease <= 0:
             raise errors.InvalidArgument(f"lease must be positive seconds or None, got {lease!r}")
+        if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int)
+                and 0 <= rank < world_size):
+            raise errors.InvalidArgument(f"rank={rank!r}, world_size={world_size!r}: need 0 <= rank < world_size")
+        if world_size > 1 and self.kind == "shards":
+            raise errors.InvalidArgument("rank/world_size split indexed sources (fill/make); a shards source "
+                                         "must shard by rank itself")
         if device != "cpu":
             raise errors.InvalidArgument(f"device={device!r}: this Feed yields CPU numpy views; for a GPU "
                                          "use pyshmfeed.stage or an adapter (pyshmfeed.adapters.torch)")
@@ -126,6 +133,8 @@ class Feed:
             ordered = False  # generator shards are served first ready, first served
         self.spec = spec
         self.length = length
+        self.rank = rank
+        self.world_size = world_size
         self.workers = workers
         self.slots = slots
         self.ordered = ordered
@@ -293,11 +302,25 @@ class Feed:
         self._drain_needed = False
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """The indices of ``epoch`` in delivery order (a seeded permutation when ``shuffle``)."""
+        """The indices this rank delivers in ``epoch``, in order.
+
+        All ranks compute the same global order (a permutation seeded by
+        ``seed`` and the epoch when ``shuffle``, else ``0..length-1``); rank r
+        takes every ``world_size``-th index from position r. Like torch's
+        DistributedSampler, the order is padded by wrapping around so every
+        rank gets ``ceil(length / world_size)`` batches and none waits for the
+        others at the end of an epoch.
+        """
         if self.shuffle:
-            return np.random.default_rng(np.random.SeedSequence([self.seed & (2**63 - 1), epoch, 0x5F])) \
+            order = np.random.default_rng(np.random.SeedSequence([self.seed & (2**63 - 1), epoch, 0x5F])) \
                 .permutation(self.length)
-        return np.arange(self.length)
+        else:
+            order = np.arange(self.length)
+        if self.world_size == 1:
+            return order
+        per_rank = -(-self.length // self.world_size)
+        padded = np.resize(order, per_rank * self.world_size)  # np.resize repeats from the start
+        return padded[self.rank::self.world_size]
 
     # ---- state, stats, lifecycle -------------------------------------------
 
@@ -307,7 +330,8 @@ class Feed:
             self._resume["epoch"] if self._resume else 0)
         finished = self._epoch_finished and self._current_epoch is not None
         state = {"version": STATE_VERSION, "kind": self.kind, "length": self.length, "seed": self.seed,
-                 "shuffle": self.shuffle, "ordered": self.ordered,
+                 "shuffle": self.shuffle, "ordered": self.ordered, "rank": self.rank,
+                 "world_size": self.world_size,
                  "epoch": epoch + 1 if finished else epoch, "position": 0 if finished else self._position}
         if not finished and not self.ordered and self.kind != "shards":
             state["delivered"] = sorted(self._delivered_indices)
@@ -370,8 +394,8 @@ def _check_state(state: dict, feed: Feed) -> dict:
     if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
         raise errors.InvalidArgument(f"state must come from Feed.state_dict() (version {STATE_VERSION}), "
                                      f"got {state!r:.200}")
-    for key in ("kind", "length", "seed", "shuffle", "ordered"):
-        if state.get(key) != getattr(feed, key if key != "kind" else "kind"):
+    for key in ("kind", "length", "seed", "shuffle", "ordered", "rank", "world_size"):
+        if state.get(key, 0 if key == "rank" else 1 if key == "world_size" else None) != getattr(feed, key):
             raise errors.InvalidArgument(f"cannot resume: state has {key}={state.get(key)!r}, this feed has "
                                          f"{getattr(feed, key)!r}")
     return dict(state)
