@@ -31,6 +31,7 @@ NOTE [producer lifecycle]
 from __future__ import annotations
 
 import collections
+import contextlib
 import math
 import os
 import signal
@@ -172,11 +173,12 @@ class Feed:
 
     def epoch(self, epoch: int = 0) -> Iterator[Batch]:
         """Iterate the batches of ``epoch`` (numpy views valid until the next batch is requested)."""
-        for slot, batch in self.slots_of(epoch):
-            try:
-                yield batch
-            finally:
-                slot.release()
+        with contextlib.closing(self.slots_of(epoch)) as slots:  # close it now on break, not at GC
+            for slot, batch in slots:
+                try:
+                    yield batch
+                finally:
+                    slot.release()
 
     def __iter__(self) -> Iterator[Batch]:
         """Epoch after epoch, forever (or from the resumed epoch on)."""
