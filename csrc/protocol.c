@@ -145,12 +145,23 @@ static int try_claim_slot(shmfeed_ring *r, uint32_t slot, uint64_t w, uint64_t s
         return 0;
     uint64_t claimed = word_make(word_gen(w), word_seq(w), SHMFEED_SLOT_CLAIMED);
     uint64_t expected = w;
-    if (!cas64(&d->word, &expected, claimed)) {
-        uint64_t mine = owner; /* give the lock back unless reclaim already did */
+    uint64_t mine = owner;
+    /* batch_seq is published by the claim CAS below, not after it: a claimer
+     * killed right after its CAS must not leave reclaim() the previous lap's
+     * sequence. While we hold the lock and the word is still FREE(w), nobody
+     * reads batch_seq and only reclaim (a generation bump) can move the word,
+     * so the store cannot clobber a claimed, ready or acquired slot (unless
+     * we are paused here long enough to be reclaimed ourselves: the hazard
+     * every store of a stale producer has, like commit's payload_len). */
+    if (load_acquire64(&d->word) != w) {
         cas64(&d->owner, &mine, 0);
         return 0;
     }
     store_relaxed64(&d->batch_seq, seq);
+    if (!cas64(&d->word, &expected, claimed)) {
+        cas64(&d->owner, &mine, 0); /* give the lock back unless reclaim already did */
+        return 0;
+    }
     store_relaxed64(&d->claim_ns, shmfeed_clock_ns());
     add_relaxed64(&ring_counters(r)->producer.claims, 1);
     out->slot = slot;
@@ -192,23 +203,33 @@ static int claim_ordered(shmfeed_ring *r, uint64_t seq, uint64_t owner, wait_clo
 static int claim_unordered(shmfeed_ring *r, uint64_t seq, uint64_t owner, wait_clock *c, shmfeed_claimed *out)
 {
     shm_event *released = &ring_counters(r)->released;
-    int rc;
+    int rc, spins = 0;
     for (;;) {
         if (is_closed(r))
             return SHMFEED_E_CLOSED;
         uint32_t seen = load_acquire32(&released->count);
         uint32_t start = load_relaxed32(&r->scan_hint);
+        int owner_held = 0; /* a FREE slot whose owner lock is still held */
         for (uint32_t k = 0; k < r->slot_count; k++) {
             uint32_t slot = (start + k) % r->slot_count;
-            uint64_t w = load_acquire64(&ring_desc(r, slot)->word);
-            if (word_state(w) == SHMFEED_SLOT_FREE && try_claim_slot(r, slot, w, seq, owner, out)) {
+            atomic_u64 *word = &ring_desc(r, slot)->word;
+            uint64_t w = load_acquire64(word);
+            if (word_state(w) != SHMFEED_SLOT_FREE)
+                continue;
+            if (try_claim_slot(r, slot, w, seq, owner, out)) {
                 store_relaxed32(&r->scan_hint, slot + 1);
                 return SHMFEED_OK;
             }
+            owner_held |= load_acquire64(word) == w; /* still FREE: the lock, not a rival claim */
         }
         if ((rc = clock_may_sleep(c)))
             return rc;
-        sleep_on_event(released, seen, c->deadline_ns);
+        /* The unlock that follows a commit signals nothing: poll for it, as
+         * claim_ordered does, rather than sleep until the next release. */
+        if (owner_held)
+            pause_for_owner(spins++, c->deadline_ns);
+        else
+            sleep_on_event(released, seen, c->deadline_ns);
     }
 }
 
@@ -413,8 +434,9 @@ int shmfeed_reclaim(shmfeed_ring *r, uint64_t owner, uint64_t *seqs, uint32_t ca
             uint64_t freed = word_make(word_gen(w) + 1, word_seq(w), SHMFEED_SLOT_FREE);
             if (cas64(&d->word, &w, freed)) {
                 if (st == SHMFEED_SLOT_CLAIMED) {
+                    /* Ordered: the word names the claimed batch itself. */
                     if (n < cap)
-                        seqs[n] = load_relaxed64(&d->batch_seq);
+                        seqs[n] = ordered(r) ? word_seq(w) : load_relaxed64(&d->batch_seq);
                     n++;
                     add_relaxed64(&ring_counters(r)->producer.reclaims, 1);
                 }
