@@ -48,3 +48,17 @@ test-tsan: $(STAMP)
 
 clean:
 	rm -rf build $(VENV)
+
+# libFuzzer over the segment validator and every call that reads shared memory,
+# under ASan+UBSan (fuzz/fuzz_attach.c). FUZZ_SECONDS=600 make fuzz for a longer run;
+# findings land in build/fuzz/ as crash-*/timeout-* files. Needs clang with libFuzzer.
+CLANG ?= clang
+FUZZ_SECONDS ?= 60
+fuzz:
+	@command -v $(CLANG) >/dev/null || { echo "make fuzz needs clang with libFuzzer: apt-get install clang libclang-rt-14-dev"; exit 1; }
+	mkdir -p build/fuzz/corpus
+	$(CLANG) -g -O1 -std=c11 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all -Icsrc \
+	  fuzz/fuzz_attach.c csrc/segment.c csrc/protocol.c csrc/wait.c -o build/fuzz/fuzz_attach
+	cd build/fuzz && UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 ASAN_OPTIONS=detect_leaks=1 \
+	  ./fuzz_attach -max_total_time=$(FUZZ_SECONDS) -max_len=20000 -timeout=10 -print_final_stats=1 \
+	  corpus ../../fuzz/seeds

@@ -371,7 +371,7 @@ int shmfeed_acquire(shmfeed_ring *r, int64_t timeout_ns, shmfeed_acquired *out)
                 if (word_state(w) != SHMFEED_SLOT_READY)
                     continue;
                 uint64_t order = load_relaxed64(&d->commit_order);
-                if (order < best_order) {
+                if (order < best_order || best == UINT32_MAX) { /* any order, even UINT64_MAX */
                     best_order = order;
                     best = i;
                     best_word = w;

@@ -146,9 +146,13 @@ static int open_backing(shmfeed_ring *r, uint32_t flags, char *err, size_t errle
     snprintf(r->shm_name, sizeof r->shm_name, "/pyshmfeed-%u-%016llx%016llx", (unsigned)getuid(),
              (unsigned long long)rnd[0], (unsigned long long)rnd[1]);
     r->fd = shm_open(r->shm_name, O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
-    if (r->fd < 0)
-        return fail(err, errlen, errno == EEXIST ? SHMFEED_E_PERM : SHMFEED_E_SYS,
-                    "shm_open(%s) failed: %s", r->shm_name, strerror(errno));
+    if (r->fd < 0) {
+        int e = errno;
+        int rc = fail(err, errlen, e == EEXIST ? SHMFEED_E_PERM : SHMFEED_E_SYS, "shm_open(%s) failed: %s",
+                      r->shm_name, strerror(e));
+        r->shm_name[0] = '\0'; /* not ours: ring_free must not unlink a name somebody else made */
+        return rc;
+    }
     snprintf(r->path, sizeof r->path, "/dev/shm%s", r->shm_name);
     return SHMFEED_OK;
 }

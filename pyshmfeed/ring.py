@@ -22,7 +22,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import errors
+from . import errors, registry
 from ._ffi import ERR_BYTES, check, error_for, ffi, lib
 
 # Why a ring was closed (the code stored in the segment beside the message).
@@ -88,6 +88,8 @@ class Ring:
         self._path = ffi.string(path).decode()
         self.owner: int = owner if owner is not None else new_owner_token()
         self._next_unordered_seq = 0
+        self._record: str | None = None  # registry record (for inspect/cleanup)
+        self._record_pid = os.getpid()
 
     # ---- lifetime ---------------------------------------------------------
 
@@ -111,7 +113,9 @@ class Ring:
         out = ffi.new("shmfeed_ring **")
         err = ffi.new("char[]", ERR_BYTES)
         check(lib.shmfeed_ring_create(slots, slot_bytes, flags, out, err, ERR_BYTES), "creating ring", err)
-        return cls(out[0])
+        ring = cls(out[0])
+        ring._record = registry.record(ring, "creator", backing)
+        return ring
 
     @classmethod
     def attach(cls, handle: "RingHandle | str", *, owner: int | None = None) -> "Ring":
@@ -120,7 +124,9 @@ class Ring:
         out = ffi.new("shmfeed_ring **")
         err = ffi.new("char[]", ERR_BYTES)
         check(lib.shmfeed_ring_attach(path.encode(), out, err, ERR_BYTES), f"attaching ring {path}", err)
-        return cls(out[0], owner=owner)
+        ring = cls(out[0], owner=owner)
+        ring._record = registry.record(ring, "attached")
+        return ring
 
     @property
     def handle(self) -> RingHandle:
@@ -135,6 +141,8 @@ class Ring:
         ptr, self._ptr = self._ptr, None
         if ptr is not None:
             lib.shmfeed_ring_detach(ptr)
+            if self._record is not None and self._record_pid == os.getpid():  # not a forked copy's
+                registry.forget(self._record)
 
     def __enter__(self) -> "Ring":
         return self
