@@ -72,7 +72,10 @@ class Feed:
     ``lease`` (seconds a producer may spend on one chunk before it is
     presumed stuck, killed and its work re-issued), ``max_restarts``,
     ``chunk`` (indices per Ray call), ``state`` (from ``state_dict()``, to
-    resume), ``backing`` ("memfd" or "named").
+    resume), ``backing`` ("memfd" or "named"), ``placement`` ("node":
+    producers on this node; "cluster" or a list of Ray node ids: producers
+    anywhere, batches made elsewhere reach the ring through Ray's object
+    store, see NOTE [remote producers] in remote.py).
 
     Batches are read-only numpy views over ring memory, **valid until the loop
     asks for the next batch**; ``batch.copy()`` keeps one. Use as a context
@@ -85,7 +88,7 @@ class Feed:
                  prefetch: int = 2, num_cpus: float = 0.25, address: str | None = None,
                  lease: float | None = 600.0, max_restarts: int | None = None, chunk: int | None = None,
                  state: dict | None = None, backing: str = "memfd", device: str = "cpu",
-                 rank: int = 0, world_size: int = 1,
+                 rank: int = 0, world_size: int = 1, placement: str | list[str] = "node",
                  _actor_options: dict | None = None) -> None:
         self._created = time.perf_counter()
         self._closed = False
@@ -127,6 +130,9 @@ class Feed:
         if world_size > 1 and self.kind == "shards":
             raise errors.InvalidArgument("rank/world_size split indexed sources (fill/make); a shards source "
                                          "must shard by rank itself")
+        from .remote import check_placement  # placement != "node": NOTE [remote producers]
+
+        placement = check_placement(placement)
         if device != "cpu":
             raise errors.InvalidArgument(f"device={device!r}: this Feed yields CPU numpy views; for a GPU "
                                          "use pyshmfeed.stage or an adapter (pyshmfeed.adapters.torch)")
@@ -136,6 +142,7 @@ class Feed:
         self.length = length
         self.rank = rank
         self.world_size = world_size
+        self.placement = placement
         self.workers = workers
         self.slots = slots
         self.ordered = ordered
@@ -168,6 +175,13 @@ class Feed:
             self.close()
             raise
         self._stats.startup_s = time.perf_counter() - self._created
+
+    @classmethod
+    def from_ray_dataset(cls, ds: Any, spec: BatchSpec, **options: Any) -> "Feed":
+        """A feed of a ``ray.data.Dataset``'s batches (see ``pyshmfeed.raydata.from_ray_dataset``)."""
+        from .raydata import from_ray_dataset
+
+        return from_ray_dataset(ds, spec, **options)
 
     # ---- iteration ----------------------------------------------------------
 
@@ -464,6 +478,11 @@ class _Dispatcher(threading.Thread):
                        node_id=ray.get_runtime_context().get_node_id(), soft=False)}
         options.update(actor_options)
         self._actor_cls = ray.remote(Producer).options(**options)
+        self._cluster = None  # producers on other nodes: NOTE [remote producers] in remote.py
+        if feed.placement != "node":
+            from .remote import ClusterPlacement
+
+            self._cluster = ClusterPlacement(self, options, actor_options)
         self.slots = [_ProducerSlot(w) for w in range(feed.workers)]
         for p in self.slots:
             self._start_actor(p)
@@ -479,8 +498,11 @@ class _Dispatcher(threading.Thread):
 
     def _start_actor(self, p: _ProducerSlot) -> None:
         f = self.feed
-        p.actor = self._actor_cls.remote(self.ring.handle, f.spec, f.kind, f._fn, p.worker, f.workers, f.seed,
-                                         os.getpid())
+        if self._cluster is not None:
+            p.actor = self._cluster.start_actor(p)
+        else:
+            p.actor = self._actor_cls.remote(self.ring.handle, f.spec, f.kind, f._fn, p.worker, f.workers,
+                                             f.seed, os.getpid())
         p.identity = None
         p.ready_ref = p.actor.identity.remote()
 
@@ -527,14 +549,17 @@ class _Dispatcher(threading.Thread):
             raise self._error
 
     def summary(self) -> dict[str, Any]:
-        return {"restarts": self.restarts, "reissued": self.reissued, "producer_busy_s": self._busy_s,
-                "producer_wall_s": time.perf_counter() - self._t0}
+        s = {"restarts": self.restarts, "reissued": self.reissued, "producer_busy_s": self._busy_s,
+             "producer_wall_s": time.perf_counter() - self._t0}
+        if self._cluster is not None:
+            s.update(self._cluster.summary())  # remote batches, ingest copy time
+        return s
 
     def stop(self) -> None:
         self._stopping.set()
         if self.is_alive() and threading.current_thread() is not self:
             self.join(timeout=10)
-        pids = [pid for p in self.slots for pid in p.pids]
+        pids = [pid for p in self.slots for pid in p.pids if pid is not None]  # None: on another node
         for p in self.slots:
             if p.actor is not None:
                 try:
@@ -544,6 +569,8 @@ class _Dispatcher(threading.Thread):
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and any(process_alive(pid) for pid in pids):
             time.sleep(0.05)
+        if self._cluster is not None:
+            self._cluster.stop()  # the ingest, once no producer can call it
 
     # ---- the dispatcher thread ----------------------------------------------
 
@@ -653,7 +680,10 @@ class _Dispatcher(threading.Thread):
             p.inflight.clear()
             p.shard_ref = None
             if p.identity is not None:
-                self.ring.reclaim(p.identity["owner"])
+                if self._cluster is not None:
+                    self._cluster.reclaim(p.identity)  # a remote producer's writes: fenced at the ingest
+                else:
+                    self.ring.reclaim(p.identity["owner"])
             committed = self._committed_seqs() if not self.feed.ordered else None
             redo = [t for t in lost_tasks if not self._is_committed(t[0], committed)]
             self._pending.extendleft(reversed(sorted(redo)))

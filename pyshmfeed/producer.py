@@ -38,7 +38,7 @@ class Producer:
 
     def __init__(self, handle: RingHandle, spec: BatchSpec, kind: str, fn: Callable[..., Any], worker: int,
                  num_workers: int, seed: int, consumer_pid: int) -> None:
-        self.ring = Ring.attach(handle)
+        self.ring = self._attach(handle)
         self.spec = spec
         self.kind = kind
         self.fn = fn
@@ -50,6 +50,11 @@ class Producer:
                         for i in range(self.ring.slots)]
         self._batches = 0
         self._kill_at = _parse_kill_hook(os.environ.get(KILL_HOOK_ENV, ""))
+
+    def _attach(self, handle: RingHandle) -> Ring:
+        """Map the ring. Same node only (the handle is a path on this machine): a producer on
+        another node gets a stand-in that ships batches to the ring's node (pyshmfeed/remote.py)."""
+        return Ring.attach(handle)
 
     def identity(self) -> dict[str, int]:
         """Who this producer is: the feed reclaims by ``owner`` if it dies."""
