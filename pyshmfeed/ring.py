@@ -169,6 +169,8 @@ class Ring:
         if not 0 <= slot < self.slots:
             raise errors.InvalidArgument(f"slot {slot} is out of range 0..{self.slots - 1}")
         n = self.slot_bytes if nbytes is None else nbytes
+        if not 0 <= n <= self.slot_bytes:  # past the slot may be past the mapping: a segfault
+            raise errors.InvalidArgument(f"nbytes={n} is out of range 0..{self.slot_bytes} (the slot size)")
         return ffi.buffer(self._data + slot * self.slot_stride, n)
 
     def slot_address(self, slot: int) -> int:
@@ -354,7 +356,10 @@ class ProducerSlot:
         n = self._ring.slot_bytes if nbytes is None else nbytes
         if n < 0:
             raise errors.InvalidArgument(f"nbytes={n} is negative")
-        rc = lib.shmfeed_commit(self._ring._live(), self._claim, n)
+        if n > self._ring.slot_bytes:  # checked before cffi, which raises OverflowError past 2**64
+            rc = lib.SHMFEED_E_TOOBIG
+        else:
+            rc = lib.shmfeed_commit(self._ring._live(), self._claim, n)
         if rc == lib.SHMFEED_E_TOOBIG:
             raise errors.PayloadTooLarge(
                 f"payload of {n} bytes does not fit a slot of {self._ring.slot_bytes} bytes; "

@@ -1,8 +1,9 @@
 """Suite-wide guards: every test runs under a timeout and must leave nothing behind.
 
 Nothing behind means no pyshmfeed segment in /dev/shm (named backing) and no
-live child process. The check runs around every test, so a leak is reported
-by the test that caused it. Session-scoped fixtures (a Ray cluster, say) are
+live child process. Another program's ring, whose creator is alive outside
+this session, is not this suite's leak and is left out. The check runs around
+every test, so a leak is reported by the test that caused it. Session-scoped fixtures (a Ray cluster, say) are
 set up before it and so are never counted as a test's leak.
 """
 
@@ -16,6 +17,7 @@ import pytest
 
 SHM_DIR = "/dev/shm"
 SEGMENT_PREFIX = "pyshmfeed-"
+CREATOR_PID_OFFSET = 72  # shm_header.creator_pid, csrc/layout.h
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -25,17 +27,30 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError("the test suite needs pytest-timeout: pip install -e '.[test]'")
 
 
-def _segments() -> set[str]:
+def _creator_pid(name: str) -> int:
+    """The pid a segment's header names as its creator; 0 if unreadable or not written yet."""
     try:
-        return {n for n in os.listdir(SHM_DIR) if n.startswith(SEGMENT_PREFIX)}
+        with open(os.path.join(SHM_DIR, name), "rb") as f:
+            header = f.read(CREATOR_PID_OFFSET + 4)
+    except OSError:
+        return 0
+    return int.from_bytes(header[CREATOR_PID_OFFSET:CREATOR_PID_OFFSET + 4], "little")
+
+
+def _segments() -> set[str]:
+    """Named segments this session may have leaked: not those a live process outside it still holds."""
+    try:
+        names = {n for n in os.listdir(SHM_DIR) if n.startswith(SEGMENT_PREFIX)}
     except FileNotFoundError:
         return set()
+    ours = {os.getpid()} | _live_children()
+    return {n for n in names
+            if (pid := _creator_pid(n)) == 0 or pid in ours or not os.path.exists(f"/proc/{pid}")}
 
 
 def _multiprocessing_helpers() -> set[int]:
     """The forkserver and resource tracker: started once on demand, meant to outlive tests."""
-    import multiprocessing.forkserver as forkserver
-    import multiprocessing.resource_tracker as resource_tracker
+    from multiprocessing import forkserver, resource_tracker
 
     pids = {getattr(forkserver._forkserver, "_forkserver_pid", None),
             getattr(resource_tracker._resource_tracker, "_pid", None)}
