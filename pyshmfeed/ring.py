@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import threading
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -32,6 +33,10 @@ CLOSE_CONSUMER_GONE = 3
 CLOSE_FAILED = 4
 
 WAIT_SLICE = 0.1  # seconds a single C wait may last before Python regains control
+
+# Looked up once: attribute reads on the cffi lib cost as much as the hot path's C calls.
+_OK = lib.SHMFEED_OK
+_E_AGAIN = lib.SHMFEED_E_AGAIN
 
 _SLOT_STATES = {
     lib.SHMFEED_SLOT_FREE: "free",
@@ -71,6 +76,10 @@ class Ring:
 
     def __init__(self, _ptr, *, owner: int | None = None) -> None:
         self._ptr = _ptr
+        # Threads inside a C wait right now: detach() waits for them (at most one
+        # slice) before unmapping, so a wait never reads memory that is gone.
+        self._in_wait = 0
+        self._in_wait_lock = threading.Lock()
         geometry = ffi.new("shmfeed_geometry *")
         check(lib.shmfeed_ring_geometry(_ptr, geometry), "reading ring geometry")
         base = ffi.new("uint8_t **")
@@ -138,8 +147,12 @@ class Ring:
 
     def detach(self) -> None:
         """Unmap the segment. Views handed out before become invalid: copy what you keep."""
-        ptr, self._ptr = self._ptr, None
+        with self._in_wait_lock:
+            ptr, self._ptr = self._ptr, None
         if ptr is not None:
+            deadline = time.monotonic() + 10 * WAIT_SLICE
+            while self._in_wait and time.monotonic() < deadline:
+                time.sleep(WAIT_SLICE / 20)
             lib.shmfeed_ring_detach(ptr)
             if self._record is not None and self._record_pid == os.getpid():  # not a forked copy's
                 registry.forget(self._record)
@@ -192,7 +205,7 @@ class Ring:
               stop: Callable[[], bool] | None) -> None:
         """Run a C wait in slices until it returns something other than TIMEOUT."""
         if timeout is not None and timeout <= 0:
-            rc = call(0)
+            rc = self._call_waiting(call, 0, what)
             if rc == lib.SHMFEED_E_AGAIN:
                 raise errors.WouldBlock(f"{what}: nothing available now")
             self._check_wait(rc, what)
@@ -200,7 +213,7 @@ class Ring:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             slice_s = WAIT_SLICE if deadline is None else min(WAIT_SLICE, max(deadline - time.monotonic(), 0))
-            rc = call(max(int(slice_s * 1e9), 1))
+            rc = self._call_waiting(call, max(int(slice_s * 1e9), 1), what)
             if rc not in (lib.SHMFEED_E_TIMEOUT, lib.SHMFEED_E_AGAIN):
                 self._check_wait(rc, what)
                 return
@@ -208,6 +221,17 @@ class Ring:
                 raise errors.Timeout(f"{what}: nothing happened within {timeout:g} s")
             if stop is not None and stop():
                 raise errors.RingClosed(f"{what}: stopped by request", code=CLOSE_NORMAL)
+
+    def _call_waiting(self, call: Callable[[int], int], timeout_ns: int, what: str) -> int:
+        with self._in_wait_lock:
+            if self._ptr is None:
+                raise errors.RingClosed(f"{what}: the ring was detached by this process", code=CLOSE_NORMAL)
+            self._in_wait += 1
+        try:
+            return call(timeout_ns)
+        finally:
+            with self._in_wait_lock:
+                self._in_wait -= 1
 
     def _check_wait(self, rc: int, what: str) -> None:
         if rc == lib.SHMFEED_E_CLOSED:
@@ -266,6 +290,14 @@ class Ring:
         """
         ptr = self._live()
         out = ffi.new("shmfeed_acquired *")
+        # Fast path: a ready batch is taken by one non-blocking call, without the
+        # wait loop. Only "nothing ready" goes on to _wait (which tries again), so
+        # errors, counters and timeouts are exactly those of the loop alone.
+        rc = lib.shmfeed_acquire(ptr, 0, out)
+        if rc == _OK:
+            return ConsumerSlot(self, out)
+        if rc != _E_AGAIN:
+            self._check_wait(rc, "acquiring the next batch")
         self._wait(lambda ns: lib.shmfeed_acquire(ptr, ns, out), "acquiring the next batch", timeout, stop)
         return ConsumerSlot(self, out)
 
@@ -442,7 +474,9 @@ class ConsumerSlot:
         if self._released:
             raise errors.SlotStateError(f"batch {self.seq}: slot {self.slot} was already released")
         self._released = True
-        check(lib.shmfeed_release(self._ring._live(), self._acq), f"releasing batch {self.seq}")
+        rc = lib.shmfeed_release(self._ring._live(), self._acq)
+        if rc < 0:  # the message is only formatted when it is needed
+            check(rc, f"releasing batch {self.seq}")
 
     def _check_open(self) -> None:
         if self._released:
@@ -459,7 +493,7 @@ class ConsumerSlot:
 
 def _view(ring: Ring, slot: int, dtype, shape, offset: int, limit: int, *, writable: bool) -> np.ndarray:
     dtype = np.dtype(dtype)
-    shape = tuple(int(s) for s in (shape if isinstance(shape, (tuple, list)) else (shape,)))
+    shape = tuple(map(int, shape)) if isinstance(shape, (tuple, list)) else (int(shape),)
     count = 1
     for s in shape:
         if s < 0:
@@ -470,9 +504,10 @@ def _view(ring: Ring, slot: int, dtype, shape, offset: int, limit: int, *, writa
         raise errors.PayloadTooLarge(f"a {dtype} array of shape {shape} at offset {offset} ends at byte {end}, "
                                      f"past the {limit} bytes available")
     buf = ring.slot_buffer(slot, limit)
-    arr = np.frombuffer(buf, dtype=dtype, count=count, offset=offset).reshape(shape)
+    # One constructor call (frombuffer + reshape made two arrays); same view, same checks.
+    arr = np.ndarray(shape, dtype, buffer=buf, offset=offset)
     if not writable:
-        arr.flags.writeable = False
+        arr.setflags(write=False)
     return arr
 
 

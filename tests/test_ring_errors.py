@@ -454,7 +454,6 @@ t.join(5)
 """
 
 
-@pytest.mark.xfail(strict=True, reason="Ring.detach unmaps under a thread waiting in acquire: SIGSEGV")
 def test_detaching_while_another_thread_waits_does_not_crash_the_process():
     child = subprocess.run([sys.executable, "-c", DETACH_UNDER_A_WAITER], capture_output=True, timeout=60,
                            check=False)
