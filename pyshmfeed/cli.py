@@ -16,6 +16,9 @@ import sys
 # subcommand -> module providing HELP, add_arguments(parser), run(args)
 COMMANDS: dict[str, str] = {
     "bench": "pyshmfeed.bench.command",
+    "doctor": "pyshmfeed.doctor",
+    "inspect": "pyshmfeed.inspect_rings",
+    "cleanup": "pyshmfeed.cleanup",
 }
 
 
