@@ -80,7 +80,8 @@ class RayHost:
             # Room for every batch in flight (2 per producer, Ray Data's prefetch) with a margin.
             store = max(512 << 20, 8 * self.w.workers * self.w.batch_bytes)
             t0 = time.perf_counter()
-            ray.init(num_cpus=os.cpu_count() or 1, num_gpus=0, include_dashboard=False,
+            # address="local": always a fresh instance of our own, never another process's cluster.
+            ray.init(address="local", num_cpus=os.cpu_count() or 1, num_gpus=0, include_dashboard=False,
                      object_store_memory=store, logging_level="ERROR", log_to_driver=False)
             self.start_s = time.perf_counter() - t0
             self.started = True
