@@ -95,6 +95,8 @@ class Feed:
         self._ring: Ring | None = None
         self._dispatcher: _Dispatcher | None = None
         self._started_ray = False
+        self._closers: list[Callable[[], None]] = []  # stages, then page-locking (NOTE [stage lifecycle])
+        self._staging_stats: Callable[[], dict] | None = None  # set by pyshmfeed.stage
         # ---- validate everything before starting anything ------------------
         if not isinstance(spec, BatchSpec):
             raise errors.InvalidArgument(f"spec must be a BatchSpec, got {type(spec).__name__}")
@@ -133,9 +135,11 @@ class Feed:
         from .remote import check_placement  # placement != "node": NOTE [remote producers]
 
         placement = check_placement(placement)
-        if device != "cpu":
-            raise errors.InvalidArgument(f"device={device!r}: this Feed yields CPU numpy views; for a GPU "
-                                         "use pyshmfeed.stage or an adapter (pyshmfeed.adapters.torch)")
+        if device != "cpu":  # a CUDA device: epochs yield CUDA tensors staged by pyshmfeed.stage
+            from .stage import check_cuda_device  # imports torch, only for a CUDA device
+
+            device = check_cuda_device(device)
+        self.device = device
         if self.kind == "shards":
             ordered = False  # generator shards are served first ready, first served
         self.spec = spec
@@ -186,7 +190,16 @@ class Feed:
     # ---- iteration ----------------------------------------------------------
 
     def epoch(self, epoch: int = 0) -> Iterator[Batch]:
-        """Iterate the batches of ``epoch`` (numpy views valid until the next batch is requested)."""
+        """Iterate the batches of ``epoch`` (numpy views valid until the next batch is requested).
+
+        With a CUDA ``device``: torch CUDA tensors, staged from the ring by a
+        consumer thread (NOTE [stage lifecycle] in stage.py); they stay valid.
+        """
+        if self.device != "cpu":
+            from .stage import staged_epoch
+
+            yield from staged_epoch(self, epoch)
+            return
         with contextlib.closing(self.slots_of(epoch)) as slots:  # close it now on break, not at GC
             for slot, batch in slots:
                 try:
@@ -201,11 +214,13 @@ class Feed:
             yield from self.epoch(e)
             e += 1
 
-    def slots_of(self, epoch: int) -> Iterator[tuple[ConsumerSlot, Batch]]:
+    def slots_of(self, epoch: int, *, stop: Callable[[], bool] | None = None
+                 ) -> Iterator[tuple[ConsumerSlot, Batch]]:
         """Lower level than ``epoch``: yields ``(slot, batch)``; the caller releases each slot.
 
         For consumers that hold several batches at once (the staging thread):
         a slot may be released only when nothing can read its memory any more.
+        ``stop()`` returning True ends a wait for the next batch with ``RingClosed``.
         """
         self._check_open()
         if self._epoch_active is not None:
@@ -219,9 +234,9 @@ class Feed:
         wall0 = time.perf_counter()
         try:
             if self.kind == "shards":
-                yield from self._shard_slots(epoch)
+                yield from self._shard_slots(epoch, stop)
             else:
-                yield from self._indexed_slots(epoch)
+                yield from self._indexed_slots(epoch, stop)
             self._epoch_finished = True
         finally:
             self._stats.add_wall(time.perf_counter() - wall0)
@@ -230,7 +245,7 @@ class Feed:
                 self._dispatcher.cancel_pending()
                 self._drain_needed = True
 
-    def _indexed_slots(self, epoch: int) -> Iterator[tuple[ConsumerSlot, Batch]]:
+    def _indexed_slots(self, epoch: int, stop=None) -> Iterator[tuple[ConsumerSlot, Batch]]:
         order = self.epoch_order(epoch)
         start, done = 0, set()
         if self._resume and self._resume["epoch"] == epoch:
@@ -249,7 +264,7 @@ class Feed:
         self._next_seq = base + len(tasks)
         self._dispatcher.submit(tasks)
         for _ in range(len(tasks)):
-            slot, batch = self._next_batch()
+            slot, batch = self._next_batch(stop=stop)
             if self.ordered:
                 self._position += 1
             else:
@@ -258,7 +273,7 @@ class Feed:
             self._delivered_seqs.add(slot.seq)
             yield slot, batch
 
-    def _shard_slots(self, epoch: int) -> Iterator[tuple[ConsumerSlot, Batch]]:
+    def _shard_slots(self, epoch: int, stop=None) -> Iterator[tuple[ConsumerSlot, Batch]]:
         skip = {}
         if self._resume and self._resume["epoch"] == epoch:
             skip = {int(k): v for k, v in self._resume.get("shard_delivered", {}).items()}
@@ -271,7 +286,7 @@ class Feed:
             total = self._dispatcher.shard_total()
             if total is not None and self._position >= total:
                 return
-            slot, batch = self._next_batch(until_shards_done=True)
+            slot, batch = self._next_batch(until_shards_done=True, stop=stop)
             if slot is None:
                 return
             self._shard_delivered[batch.worker] += 1
@@ -279,12 +294,12 @@ class Feed:
             self._position += 1
             yield slot, batch
 
-    def _next_batch(self, until_shards_done: bool = False, record: bool = True):
+    def _next_batch(self, until_shards_done: bool = False, record: bool = True, stop=None):
         """Acquire the next ready slot, waiting in short slices so failures are noticed."""
         t0 = time.perf_counter()
         while True:
             try:
-                slot = self._ring.acquire(timeout=_ACQUIRE_POLL_S)
+                slot = self._ring.acquire(timeout=_ACQUIRE_POLL_S, stop=stop)
                 break
             except errors.Timeout:
                 self._dispatcher.raise_if_failed()
@@ -365,6 +380,8 @@ class Feed:
                   "source": self.kind, "staging": "cpu-view (zero copy)"})
         if d is not None and s.get("producer_wall_s"):
             s["producer_busy_fraction"] = min(1.0, s["producer_busy_s"] / (self.workers * s["producer_wall_s"]))
+        if self._staging_stats is not None:
+            s.update(self._staging_stats())  # which staging path is active, and its figures
         return s
 
     @property
@@ -384,6 +401,12 @@ class Feed:
         self._closed = True
         if self._ring is not None and self._ring.attached:
             self._ring.close("the feed was closed", code=CLOSE_NORMAL)
+        closer_error = None
+        for fn in reversed(list(self._closers)):  # stages first, then page-locking: before the unmap
+            try:
+                fn()
+            except Exception as exc:
+                closer_error = closer_error or exc
         if self._dispatcher is not None:
             self._dispatcher.stop()
         if self._ring is not None:
@@ -392,6 +415,16 @@ class Feed:
             import ray
 
             ray.shutdown()
+        if closer_error is not None:
+            raise closer_error
+
+    def _add_closer(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` at ``close()``, after the ring is closed and before it is unmapped (pyshmfeed.stage)."""
+        self._closers.append(fn)
+
+    def _remove_closer(self, fn: Callable[[], None]) -> None:
+        if fn in self._closers:
+            self._closers.remove(fn)
 
     def __enter__(self) -> "Feed":
         return self
