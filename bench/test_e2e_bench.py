@@ -7,7 +7,8 @@
   itself. pyshmfeed's should be flat in the batch size; a queue's or the
   object store's grows with it;
 - adapter overhead: ``pyshmfeed.adapters.torch`` / ``.tfdata`` against the
-  framework's own loader on the same data (skipped until the adapters exist).
+  framework's own loader on the same data (skipped where an adapter or its
+  framework is missing).
 
 Run: ``.venv/bin/pytest bench/test_e2e_bench.py`` (add ``--benchmark-json``
 to keep the figures). Groups put each pyshmfeed row beside its references;
@@ -320,19 +321,25 @@ class _Images:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("impl", ["pyshmfeed.adapters.torch", "torch.utils.data"])
+@pytest.mark.parametrize("impl", ["pyshmfeed", "pyshmfeed zero_copy", "torch"])
 def test_torch_adapter_overhead(benchmark, ray_for_bench, impl):
-    """Batches 2..N of an epoch through pyshmfeed's DataLoader drop-in vs torch's own, same arguments."""
+    """Batches 2..N of an epoch through pyshmfeed's DataLoader drop-in vs torch's own, same arguments.
+
+    pyshmfeed's default hands out owned tensors (one copy out of the slot, as
+    torch's workers' shared-memory tensors are owned); ``zero_copy=True``
+    hands out views of the slot, valid until the next batch.
+    """
     pytest.importorskip("torch")
-    if impl == "torch.utils.data":
+    if impl == "torch":
         from torch.utils.data import DataLoader
+        options = {}
     else:
-        # TODO(adapters): the drop-in takes torch.utils.data.DataLoader's arguments (issue 4).
-        DataLoader = _adapter(impl, "DataLoader")
+        DataLoader = _adapter("pyshmfeed.adapters.torch", "DataLoader")
+        options = {"zero_copy": impl.endswith("zero_copy"), "feed_options": {"num_cpus": 0.25}}
     dataset = _Images(ADAPTER_BATCHES * ADAPTER_SHAPE[0])
 
     def open_epoch():
-        loader = DataLoader(dataset, batch_size=ADAPTER_SHAPE[0], num_workers=WORKERS)
+        loader = DataLoader(dataset, batch_size=ADAPTER_SHAPE[0], num_workers=WORKERS, **options)
         iterator = iter(loader)
 
         def close():
@@ -347,6 +354,7 @@ def test_torch_adapter_overhead(benchmark, ray_for_bench, impl):
 
     epochs = _Epochs(open_epoch, check)
     benchmark.group = f"torch DataLoader, batches 2-{ADAPTER_BATCHES} of {ADAPTER_SHAPE} float32"
+    benchmark.extra_info.update(batch_bytes=int(np.prod(ADAPTER_SHAPE)) * 4, impl=impl)
     try:
         benchmark.pedantic(epochs.rest, setup=epochs.setup, rounds=3, iterations=1)
     finally:
@@ -355,9 +363,13 @@ def test_torch_adapter_overhead(benchmark, ray_for_bench, impl):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("impl", ["pyshmfeed.adapters.tfdata", "tf.data.from_generator"])
+@pytest.mark.parametrize("impl", ["pyshmfeed", "tf.data.from_generator"])
 def test_tfdata_adapter_overhead(benchmark, ray_for_bench, impl):
-    """Batches 2..N of an epoch: a feed as a tf.data.Dataset vs from_generator over arrays already in memory."""
+    """Batches 2..N of an epoch: a feed as a tf.data.Dataset vs from_generator over arrays already in memory.
+
+    Both prefetch 2; the adapter makes one aligned copy per array (its
+    docstring says why), from_generator one copy into a tensor.
+    """
     tf = pytest.importorskip("tensorflow")
     nbytes = int(np.prod(ADAPTER_SHAPE)) * 4
     if impl == "tf.data.from_generator":
@@ -371,20 +383,19 @@ def test_tfdata_adapter_overhead(benchmark, ray_for_bench, impl):
                 gen, output_signature={"x": tf.TensorSpec((nbytes // 4,), tf.float32)}).prefetch(2)
             return iter(ds), None
     else:
-        # TODO(adapters): assumed API, fn(feed) -> tf.data.Dataset of one epoch of dict batches;
-        # align with pyshmfeed.adapters.tfdata when it lands (issue 4).
-        to_dataset = _adapter(impl, "dataset", "as_dataset", "to_dataset", "from_feed")
+        to_dataset = _adapter("pyshmfeed.adapters.tfdata", "dataset")
 
         def open_epoch():
             feed = sf.Feed(_spec(nbytes), fill=_stamp_fill, length=ADAPTER_BATCHES, workers=WORKERS,
                            slots=8, num_cpus=0.25)
-            return iter(to_dataset(feed)), feed.close
+            return iter(to_dataset(feed, prefetch=2)), feed.close
 
     def check(i, batch):
         return float(batch["x"][0]) == i
 
     epochs = _Epochs(open_epoch, check)
     benchmark.group = f"tf.data, batches 2-{ADAPTER_BATCHES} of {_size_id(nbytes)}"
+    benchmark.extra_info.update(batch_bytes=nbytes, impl=impl)
     try:
         benchmark.pedantic(epochs.rest, setup=epochs.setup, rounds=3, iterations=1)
     finally:

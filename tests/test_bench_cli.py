@@ -19,8 +19,8 @@ from pyshmfeed.bench.workload import Trace, Workload, summarize
 TINY = ["--workers", "2", "--batches", "10", "--serial-batches", "5", "--warmup", "2", "--shape", "2,64,3",
         "--io-sleep", "0", "--work", "10", "--step", "0", "--no-progress", "--no-cold-start"]
 
-TOP_FIELDS = {"date", "machine", "versions", "workload", "total_s", "ray", "cold_start", "published_wait_mean_s",
-              "rows", "reference", "targets"}
+TOP_FIELDS = {"date", "machine", "versions", "workload", "total_s", "ray", "cold_start", "wake_floor",
+              "published_wait_mean_s", "rows", "reference", "targets"}
 ROW_FIELDS = {"key", "label", "how", "status", "message", "batches_run", "import_s", "extra", "waits_s",
               "batches", "steady_batches", "time_to_first_batch_s", "wall_s", "wait_mean_s", "wait_p50_s",
               "wait_p99_s", "wait_max_s", "wait_mean_all_s", "stall_fraction", "batches_per_s",

@@ -114,5 +114,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"plot: {args.plot}")
         except ImportError as e:
             print(f"plot not written: {e}", file=sys.stderr)
-    print(f"total: {result['total_s']:.0f} s")
+    m = result["machine"]
+    print(f"total: {result['total_s']:.0f} s on {m['cores']} cores ({m['cpu']}); load average "
+          f"{m['load_average_1m']:.1f} at the start, {m['load_average_1m_end']:.1f} at the end")
     return 1 if any(r["status"] == "error" for r in result["rows"]) else 0

@@ -88,6 +88,11 @@ def notes(result: dict[str, Any]) -> str:
         nxt = r.get("extra", {}).get("next_epoch_time_to_first_batch_s")
         if r["status"] == "ok" and nxt is not None:
             out.append(f"{r['label']}: time to first batch of the next epoch (producers warm): {nxt:.3f} s")
+    floor = result.get("wake_floor")
+    if floor:
+        out.append(f"Wake-up floor of this machine: code that takes {1e6 * floor['hot_s']:.0f} µs back to back "
+                   f"takes {1e6 * floor['after_step_s']:.0f} µs right after a {floor['step_s']:g} s step "
+                   "(cold caches, vCPU scheduling); every row's wait includes this")
     published = ", ".join(f"{_label(k)} {v:.2f} s" for k, v in PUBLISHED.items())
     out.append(f"Published (article, Intel laptop, (4, 1000000, 3) batches), mean wait per batch: {published}")
     for t in result.get("targets", []):
@@ -102,7 +107,7 @@ def notes(result: dict[str, Any]) -> str:
                       f"make {t['make_batches_per_s']:.2f} batches/s, wait {1e3 * t['make_wait_mean_s']:.2f} ms")
         else:
             detail = f": {t['pyshmfeed']:.4g}"
-        out.append(f"Target {verdict} — {t['target']}{detail}")
+        out.append(f"Target ({t['workload']}) {verdict} — {t['target']}{detail}")
     return "\n".join(out)
 
 

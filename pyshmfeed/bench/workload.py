@@ -44,8 +44,8 @@ class Workload:
     """
 
     workers: int = 6
-    batches: int = 100
-    serial_batches: int = 16
+    batches: int = 80
+    serial_batches: int = 12
     warmup: int = 8
     shape: tuple[int, ...] = DEFAULT_SHAPE
     label_shape: tuple[int, ...] = LABEL_SHAPE
@@ -225,5 +225,39 @@ def machine() -> dict[str, Any]:
         mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
         pass
+    try:
+        load = os.getloadavg()[0]  # other work on the machine skews every figure: say how much there was
+    except OSError:
+        load = None
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_bytes": mem, "platform": platform.platform(),
-            "python": platform.python_version()}
+            "python": platform.python_version(), "load_average_1m": load}
+
+
+def _probe(buf: np.ndarray) -> float:
+    """A fixed few microseconds of Python and numpy: about what taking a batch costs when all is hot."""
+    total = float(buf[:4].sum())
+    for i in range(100):
+        total += i
+    return total
+
+
+def wake_floor(step: float, rounds: int = 20) -> dict[str, float]:
+    """What the same small piece of code costs back to back, and right after a ``step``-long sleep.
+
+    On a shared VM the second is many times the first (cold caches, vCPU
+    scheduling): that difference is in every pipeline's wait per batch and
+    no pipeline can remove it, so the report shows it beside the table.
+    """
+    buf = np.ones(1024, np.float32)
+    hot, cold = [], []
+    for _ in range(rounds):
+        _probe(buf)  # warm: the timed run follows immediately
+        t0 = time.perf_counter()
+        _probe(buf)
+        hot.append(time.perf_counter() - t0)
+    for _ in range(rounds):
+        time.sleep(step)
+        t0 = time.perf_counter()
+        _probe(buf)
+        cold.append(time.perf_counter() - t0)
+    return {"step_s": step, "hot_s": float(np.median(hot)), "after_step_s": float(np.median(cold))}
