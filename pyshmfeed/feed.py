@@ -638,6 +638,11 @@ class _Dispatcher(threading.Thread):
                     p.inflight[p.shard_ref] = ([], time.monotonic())
                     continue
                 while len(p.inflight) < 2 and self._pending:
+                    # A producer runs its calls one after the other: never queue a (re-issued)
+                    # earlier batch behind a later one of its own, which may be waiting for it.
+                    held = max((t[0] for ts, _ in p.inflight.values() for t in ts), default=-1)
+                    if self._pending[0][0] < held:
+                        break
                     n = min(self.feed.chunk, len(self._pending))
                     tasks = [self._pending.popleft() for _ in range(n)]
                     for t in tasks:
@@ -719,7 +724,7 @@ class _Dispatcher(threading.Thread):
                     self.ring.reclaim(p.identity["owner"])
             committed = self._committed_seqs() if not self.feed.ordered else None
             redo = [t for t in lost_tasks if not self._is_committed(t[0], committed)]
-            self._pending.extendleft(reversed(sorted(redo)))
+            self._pending = collections.deque(sorted([*redo, *self._pending]))  # several may die at once
             self.reissued += len(redo)
             if had_shard:
                 # The replacement re-runs the shard and skips what was committed.
