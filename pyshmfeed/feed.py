@@ -258,7 +258,9 @@ class Feed:
             todo = [p for p in range(len(order)) if int(order[p]) not in done]
         self._position = start if self.ordered else 0
         self._delivered_indices = set(done)
-        self._delivered_seqs = set()
+        # Not emptied: a producer whose call had not returned when the last epoch ended may yet be
+        # reported dead, and a batch of it delivered then must not be re-issued (made twice).
+        self._delivered_seqs = self._dispatcher.still_in_flight(self._delivered_seqs)
         base = self._next_seq
         tasks = [(base + k, int(order[p]), epoch) for k, p in enumerate(todo)]
         self._next_seq = base + len(tasks)
@@ -567,6 +569,11 @@ class _Dispatcher(threading.Thread):
                 if p.shard_epoch is not None and p.shard_ref is None:
                     p.shard_epoch = None
 
+    def still_in_flight(self, seqs: set[int]) -> set[int]:
+        """Those of ``seqs`` held by a producer call that has not returned (it may still be lost)."""
+        with self._lock:
+            return seqs & {t[0] for p in self.slots for ts, _ in p.inflight.values() for t in ts}
+
     def outstanding(self, delivered: set[int]) -> list[int]:
         """Sequences handed out to producers but not delivered (to drain)."""
         while True:
@@ -629,6 +636,14 @@ class _Dispatcher(threading.Thread):
 
     def _dispatch(self) -> None:
         with self._lock:
+            # Ordered: batch t needs slot t mod N, free once batch t - N is consumed. Hand t out only
+            # when t - N is committed (below the lowest batch in flight or pending), so a producer
+            # waits on the consumer alone, never on a batch a dead producer held: re-issued behind
+            # that wait, it would stall the loop until a replacement producer has started.
+            limit = None
+            if self.feed.ordered and self._pending:
+                in_flight = [t[0] for q in self.slots for ts, _ in q.inflight.values() for t in ts]
+                limit = min(in_flight + [self._pending[0][0]]) + self.ring.slots
             for p in self.slots:
                 if p.identity is None:
                     continue
@@ -643,7 +658,12 @@ class _Dispatcher(threading.Thread):
                     held = max((t[0] for ts, _ in p.inflight.values() for t in ts), default=-1)
                     if self._pending[0][0] < held:
                         break
-                    n = min(self.feed.chunk, len(self._pending))
+                    n = 0
+                    while n < min(self.feed.chunk, len(self._pending)) and (
+                            limit is None or self._pending[n][0] < limit):
+                        n += 1
+                    if n == 0:
+                        break
                     tasks = [self._pending.popleft() for _ in range(n)]
                     for t in tasks:
                         self._dispatched.add(t[0])
