@@ -91,7 +91,62 @@ static uint64_t read_u64_file(const char *path, int *ok)
     return strtoull(buf, NULL, 10);
 }
 
-/* MemAvailable, capped by the cgroup v2 limit (containers) and, for named
+/* Lower *avail to what the memory cgroup in `dir` leaves (v2, then v1 file names). */
+static void cap_by_cgroup_dir(const char *dir, uint64_t *avail)
+{
+    static const char *const names[2][2] = {{"memory.max", "memory.current"},
+                                            {"memory.limit_in_bytes", "memory.usage_in_bytes"}};
+    char max_path[1100], cur_path[1100];
+    for (int i = 0; i < 2; i++) {
+        int ok_max, ok_cur;
+        snprintf(max_path, sizeof max_path, "%s/%s", dir, names[i][0]);
+        snprintf(cur_path, sizeof cur_path, "%s/%s", dir, names[i][1]);
+        uint64_t max = read_u64_file(max_path, &ok_max), cur = read_u64_file(cur_path, &ok_cur);
+        if (ok_max && ok_cur && (max > cur ? max - cur : 0) < *avail)
+            *avail = max > cur ? max - cur : 0;
+    }
+}
+
+/* Lower *avail to what this process's memory cgroup leaves, v2 or v1: its own
+ * directory (from /proc/self/cgroup) and the mount roots, which is what a
+ * container sees of its own cgroup. A ring past the limit would not fail
+ * cleanly: the kernel OOM-kills the creator while fallocate reserves it. */
+static void cap_by_cgroups(uint64_t *avail)
+{
+    static const char *const roots[] = {"/sys/fs/cgroup", "/sys/fs/cgroup/unified", "/sys/fs/cgroup/memory"};
+    char line[1024], dir[1100];
+    for (size_t i = 0; i < sizeof roots / sizeof roots[0]; i++)
+        cap_by_cgroup_dir(roots[i], avail);
+    FILE *f = fopen("/proc/self/cgroup", "re");
+    if (!f)
+        return;
+    while (fgets(line, sizeof line, f)) { /* "hierarchy:controllers:path" */
+        char *c1 = strchr(line, ':'), *c2 = c1 ? strchr(c1 + 1, ':') : NULL;
+        if (!c2)
+            continue;
+        *c2 = '\0';
+        char *path = c2 + 1, *controllers = c1 + 1;
+        path[strcspn(path, "\n")] = '\0';
+        if (path[0] != '/' || path[1] == '\0')
+            continue; /* the root: read above */
+        if (controllers[0] == '\0') { /* v2 */
+            snprintf(dir, sizeof dir, "/sys/fs/cgroup%s", path);
+            cap_by_cgroup_dir(dir, avail);
+            snprintf(dir, sizeof dir, "/sys/fs/cgroup/unified%s", path);
+            cap_by_cgroup_dir(dir, avail);
+        } else {
+            char *save = NULL;
+            for (char *c = strtok_r(controllers, ",", &save); c; c = strtok_r(NULL, ",", &save))
+                if (strcmp(c, "memory") == 0) {
+                    snprintf(dir, sizeof dir, "/sys/fs/cgroup/memory%s", path);
+                    cap_by_cgroup_dir(dir, avail);
+                }
+        }
+    }
+    fclose(f);
+}
+
+/* MemAvailable, capped by the memory cgroup's limit (containers) and, for named
  * segments, by the free space of the /dev/shm mount. */
 int shmfeed_memory_available(uint32_t flags, uint64_t *out)
 {
@@ -110,14 +165,7 @@ int shmfeed_memory_available(uint32_t flags, uint64_t *out)
         }
         fclose(f);
     }
-    int ok_max, ok_cur;
-    uint64_t cg_max = read_u64_file("/sys/fs/cgroup/memory.max", &ok_max);
-    uint64_t cg_cur = read_u64_file("/sys/fs/cgroup/memory.current", &ok_cur);
-    if (ok_max && ok_cur) {
-        uint64_t cg_free = cg_max > cg_cur ? cg_max - cg_cur : 0;
-        if (cg_free < avail)
-            avail = cg_free;
-    }
+    cap_by_cgroups(&avail);
     if (flags & SHMFEED_NAMED) {
         struct statvfs sv;
         if (statvfs("/dev/shm", &sv) == 0) {

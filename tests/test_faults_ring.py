@@ -762,6 +762,59 @@ def test_named_ring_in_a_small_tmpfs_is_no_space_at_creation_never_sigbus_later(
     assert needed > available and available <= 2**20  # 4 MiB mount - 3 MiB ring - headers
 
 
+IN_A_SMALL_CGROUP = textwrap.dedent("""
+    import os, sys
+    with open(sys.argv[1], "w") as f:                        # move this process into the cgroup
+        f.write(str(os.getpid()))
+    import numpy as np
+    from pyshmfeed import Ring, NoSpace
+    fits = Ring.create(1, 64 * 2**20)                         # 64 MiB of a 256 MiB limit
+    np.frombuffer(fits.slot_buffer(0), dtype=np.uint8)[:] = 1  # every page really there
+    try:
+        Ring.create(1, 512 * 2**20)                           # past the limit: refused, not OOM-killed
+    except NoSpace as exc:
+        print("NOSPACE", exc)
+    fits.detach()
+""")
+
+
+def small_memory_cgroup(limit: int):
+    """A fresh memory cgroup (v1 or v2) limited to ``limit`` bytes: (its procs file, its dir), or skip."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to make a memory cgroup")
+    name = f"pyshmfeed-test-{os.getpid()}"
+    v1, v2 = "/sys/fs/cgroup/memory", "/sys/fs/cgroup"
+    try:
+        if os.path.isfile(os.path.join(v1, "memory.limit_in_bytes")):
+            path = os.path.join(v1, name)
+            os.mkdir(path)
+            with open(os.path.join(path, "memory.limit_in_bytes"), "w") as f:
+                f.write(str(limit))
+        elif "memory" in open(os.path.join(v2, "cgroup.subtree_control")).read().split():
+            path = os.path.join(v2, name)
+            os.mkdir(path)
+            with open(os.path.join(path, "memory.max"), "w") as f:
+                f.write(str(limit))
+        else:
+            pytest.skip("no writable memory cgroup controller (v1 or v2) here")
+    except OSError as exc:
+        pytest.skip(f"cannot make a memory cgroup here: {exc}")
+    return os.path.join(path, "cgroup.procs"), path
+
+
+def test_ring_past_the_memory_cgroup_limit_is_no_space_not_an_oom_kill():
+    procs, path = small_memory_cgroup(256 * 2**20)
+    try:
+        out = subprocess.run([sys.executable, "-c", IN_A_SMALL_CGROUP, procs], capture_output=True, text=True,
+                             timeout=60)
+    finally:
+        os.rmdir(path)
+    assert out.returncode == 0, f"the creator died ({out.returncode}): {out.stderr[-2000:]}"
+    needed, available = map(int, re.search(r"needs (\d+) bytes.*only (\d+) bytes are available",
+                                           out.stdout).groups())
+    assert needed > 512 * 2**20 and available < 256 * 2**20 - 64 * 2**20
+
+
 # ---- security -----------------------------------------------------------------------------
 
 OTHER_USER = 65534  # nobody
