@@ -62,3 +62,9 @@ fuzz:
 	cd build/fuzz && UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 ASAN_OPTIONS=detect_leaks=1 \
 	  ./fuzz_attach -max_total_time=$(FUZZ_SECONDS) -max_len=20000 -timeout=10 -print_final_stats=1 \
 	  corpus ../../fuzz/seeds
+
+# The long random-kill soak of tests/test_faults_feed.py (CI runs a 30 s version):
+# SOAK_SECONDS of producers SIGKILLed at random, split between ordered and unordered feeds.
+SOAK_SECONDS ?= 900
+soak: $(STAMP)
+	PYSHMFEED_SOAK=1 PYSHMFEED_SOAK_SECONDS=$(SOAK_SECONDS) $(PY) -m pytest -q -s tests/test_faults_feed.py -k soak

@@ -234,6 +234,8 @@ def test_producer_killed_at_each_step_loses_and_repeats_nothing(start, die_at, o
     assert counters["stale_commits"] == 0
     assert counters["commits"] == counters["acquires"] == n
     assert reclaim_s is not None and reclaim_s < 1.0
+    print(f"\n[producer killed at {die_at}, {'ordered' if ordered else 'unordered'}] {n} batches, "
+          f"re-issued {reissued}, reclaim + re-issue took {reclaim_s * 1e3:.1f} ms")
 
 
 # The two instants inside the C calls that Python cannot stop at, reproduced by writing
@@ -293,6 +295,7 @@ def test_producers_notice_a_killed_consumer_and_exit_within_seconds(start, die_a
         p.join(10)
     noticed_s = time.monotonic() - died
     assert [p.exitcode for p in producers] == [0, 0], "a producer did not stop cleanly"
+    print(f"\n[consumer killed at {die_at}] producers exited {noticed_s:.3f} s after its death")
     assert noticed_s < 3.0, f"producers took {noticed_s:.2f} s to notice the consumer's death"
     # memfd backing: the segment went with the last process that mapped it; nothing to find.
     assert not os.path.exists(handle.path)
@@ -441,6 +444,7 @@ def test_a_thousand_create_close_cycles_leak_no_segment_fd_or_memory():
         one_cycle(i)
     assert open_fds() == fds, "file descriptors leaked"
     growth = rss_bytes() - rss
+    print(f"\n[1,000 cycles] fds {fds} -> {open_fds()}, RSS growth {growth / 2**10:.0f} KiB")
     assert growth < 4 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB over 1,000 cycles"
     assert segments() == set()
     assert mine() == registry_before, "registry records leaked"
@@ -701,6 +705,7 @@ def test_random_scribbling_on_the_metadata_never_crashes_a_ring_user(start, orde
         for w in writers:
             w.join(10)
     assert user.exitcode == 0, f"the ring user died with {user.exitcode}"
+    print(f"\n[scribbled {'ordered' if ordered else 'unordered'}] outcomes of ring calls: {outcomes}")
     assert "unexpected" not in outcomes, outcomes
     assert sum(outcomes.values()) > 100, outcomes
 
