@@ -68,8 +68,8 @@ class DatasetShards:
         """The spec's arrays out of a Ray Data batch (a dict of column -> ndarray)."""
         missing = [c for c in self.columns if c not in batch]
         if missing:
-            raise errors.SpecMismatch(f"the dataset's batches lack columns {missing}; they have {sorted(batch)} "
-                                      "(map spec arrays to columns with columns=)")
+            raise errors.SpecMismatch(f"the dataset's batches lack columns {missing}; they have "
+                                      f"{sorted(batch)} (map spec arrays to columns with columns=)")
         values = [batch[c] for c in self.columns]
         return tuple(values) if self.positional else dict(zip(self.names, values))
 
@@ -78,14 +78,14 @@ def _columns(spec: BatchSpec, columns: Any) -> tuple[str, ...]:
     """Which dataset column feeds each spec array, in spec order."""
     if columns is None:
         if spec.positional:
-            raise errors.InvalidArgument("a positional BatchSpec needs columns=[...] naming the dataset column "
-                                         "of each array, in order")
+            raise errors.InvalidArgument("a positional BatchSpec needs columns=[...] naming the dataset "
+                                         "column of each array, in order")
         return spec.names
     if isinstance(columns, Mapping):
         unknown = set(columns) - set(spec.names)
         if unknown:
-            raise errors.InvalidArgument(f"columns= maps arrays {sorted(unknown)} that the spec does not have; "
-                                         f"the spec has {list(spec.names)}")
+            raise errors.InvalidArgument(f"columns= maps arrays {sorted(unknown)} that the spec does not "
+                                         f"have; the spec has {list(spec.names)}")
         return tuple(str(columns.get(n, n)) for n in spec.names)
     if isinstance(columns, (list, tuple)) and len(columns) == len(spec.arrays):
         return tuple(str(c) for c in columns)
@@ -110,7 +110,7 @@ def _batch_size(spec: BatchSpec, batch_size: int | None) -> int:
     return batch_size
 
 
-def _check_against_spec(ds: "ray.data.Dataset", spec: BatchSpec, shards: DatasetShards) -> None:
+def _check_against_spec(ds: ray.data.Dataset, spec: BatchSpec, shards: DatasetShards) -> None:
     """Read the dataset's first batch here, in the caller, and check it against the spec.
 
     A mismatch then raises ``SpecMismatch`` from the constructor rather than a
@@ -123,10 +123,10 @@ def _check_against_spec(ds: "ray.data.Dataset", spec: BatchSpec, shards: Dataset
         spec.check_array(i, v)
 
 
-def from_ray_dataset(ds: "ray.data.Dataset", spec: BatchSpec, *, batch_size: int | None = None,
+def from_ray_dataset(ds: ray.data.Dataset, spec: BatchSpec, *, batch_size: int | None = None,
                      columns: Mapping[str, str] | Sequence[str] | None = None, ordered: bool = True,
                      workers: int = 1, drop_last: bool = False, validate: bool = True,
-                     iter_options: Mapping[str, Any] | None = None, **feed_options: Any) -> "Feed":
+                     iter_options: Mapping[str, Any] | None = None, **feed_options: Any) -> Feed:
     """A ``Feed`` whose batches are ``ds``'s, ``batch_size`` rows each (``Feed.from_ray_dataset``).
 
     ``columns`` maps spec arrays to dataset columns (default: the same names;
@@ -151,7 +151,8 @@ def from_ray_dataset(ds: "ray.data.Dataset", spec: BatchSpec, *, batch_size: int
                                      f"{workers}); pass ordered=False to split it across {workers} producers")
     for key in ("fill", "make", "shards", "length", "ordered", "shuffle"):
         if key in feed_options:
-            raise errors.InvalidArgument(f"{key}= is decided by the dataset; do not pass it to from_ray_dataset")
+            raise errors.InvalidArgument(f"{key}= is decided by the dataset; do not pass it to "
+                                         "from_ray_dataset")
     size = _batch_size(spec, batch_size)
     cols = _columns(spec, columns)
     schema_columns = ds.columns(fetch_if_missing=False)

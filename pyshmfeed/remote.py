@@ -42,6 +42,10 @@ NOTE [remote producers]
            for any producer death. Replacements get the new ingest's handle.
   stop     ``Feed.close`` closes the ring (the ingest's waits end), kills the
            producers, then the ingest, and waits for the ingest's process.
+  tuning   A remote batch stays in flight longer (copy out, transfer, copy
+           in), and a call settles all its batches before it returns: give
+           remote producers more ``slots`` and a ``chunk`` of a few batches
+           so that they keep making batches while earlier ones travel.
 
 Copies per remote batch: producer → private buffer (the source writes there
 instead of a slot), private buffer → object store (``ray.put``), Ray's
@@ -64,6 +68,7 @@ from . import errors
 from .producer import Producer, _error_record
 from .ring import Ring, RingHandle, new_owner_token
 from .spec import _FIXED_HEADER
+import contextlib
 
 PLACEMENTS = ("node", "cluster")
 REMOTE_WINDOW = 3  # writes a remote producer may have in flight (its object-store footprint, in batches)
@@ -94,7 +99,7 @@ class _PrivateSlot:
 
     __slots__ = ("_ring", "seq", "slot")
 
-    def __init__(self, ring: "RemoteRing", seq: int) -> None:
+    def __init__(self, ring: RemoteRing, seq: int) -> None:
         self._ring = ring
         self.seq = seq
         self.slot = 0
@@ -259,7 +264,8 @@ class Ingest:
         n = payload.nbytes
         if n > self.ring.slot_bytes or n < _SEQ_OFFSET + 8:
             raise errors.PayloadTooLarge(f"batch {seq}: a payload of {n} bytes does not fit a slot of "
-                                         f"{self.ring.slot_bytes} bytes (producer and ring disagree on the spec)")
+                                         f"{self.ring.slot_bytes} bytes (producer and ring disagree on the "
+                                         "spec)")
         header_seq = int(payload[_SEQ_OFFSET:_SEQ_OFFSET + 8].view("<u8")[0])
         if header_seq != seq:
             raise errors.CorruptSegment(f"batch {seq}: its slot header says seq {header_seq}")
@@ -343,7 +349,8 @@ class ClusterPlacement:
                 options["scheduling_strategy"] = "SPREAD"
             else:
                 nodes = self.placement
-                options["scheduling_strategy"] = self._affinity(node_id=nodes[p.worker % len(nodes)], soft=True)
+                node = nodes[p.worker % len(nodes)]
+                options["scheduling_strategy"] = self._affinity(node_id=node, soft=True)
         return self._producer_cls.options(**options).remote(
             self.ring.handle, f.spec, f.kind, f._fn, p.worker, f.workers, f.seed, os.getpid(), self.node,
             self.ingest, self.window)
@@ -365,14 +372,11 @@ class ClusterPlacement:
         from .feed import _wait_dead
 
         ident = self.ingest_identity or {}
-        try:
+        # If it died with its counters, the totals miss what it did since the last stats().
+        with contextlib.suppress(Exception):
             self._past.update(ray.get(self.ingest.stats.remote(), timeout=1))
-        except Exception:
-            pass  # it died with its counters: the totals miss what it did since the last stats()
-        try:
+        with contextlib.suppress(Exception):
             ray.kill(self.ingest, no_restart=True)
-        except Exception:
-            pass
         _wait_dead(ident.get("pid"))
         if "owner" in ident:
             self.ring.reclaim(ident["owner"])
@@ -385,15 +389,14 @@ class ClusterPlacement:
             s = self._final
         else:
             s = collections.Counter(self._past)
-            try:
+            with contextlib.suppress(Exception):
                 s.update(ray.get(self.ingest.stats.remote(), timeout=10))
-            except Exception:
-                pass
         n = s.get("batches", 0)
         remote_workers = sum(1 for p in self.dispatcher.slots if (p.identity or {}).get("remote"))
         return {"placement": self.placement if isinstance(self.placement, str) else list(self.placement),
                 "remote_batches": n, "remote_bytes": s.get("bytes", 0),
-                "ingest_copy_s": s.get("copy_s", 0.0), "ingest_copy_mean_s": s.get("copy_s", 0.0) / n if n else 0.0,
+                "ingest_copy_s": s.get("copy_s", 0.0),
+                "ingest_copy_mean_s": s.get("copy_s", 0.0) / n if n else 0.0,
                 "ingest_duplicates": s.get("stale", 0), "ingest_fenced": s.get("fenced", 0),
                 "ingest_restarts": self.ingest_restarts, "remote_producers": remote_workers}
 
@@ -404,14 +407,10 @@ class ClusterPlacement:
         if self.ingest is None:
             return
         s = collections.Counter(self._past)
-        try:
+        with contextlib.suppress(Exception):
             s.update(ray.get(self.ingest.stats.remote(), timeout=5))
-        except Exception:
-            pass
         self._final = dict(s)
-        try:
+        with contextlib.suppress(Exception):
             ray.kill(self.ingest, no_restart=True)
-        except Exception:
-            pass
         self.ingest = None
         _wait_dead((self.ingest_identity or {}).get("pid"))

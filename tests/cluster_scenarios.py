@@ -60,7 +60,8 @@ def consume(feed, epoch, on_batch=None):
     for k, batch in enumerate(feed.epoch(epoch)):
         i = int(batch["y"][0])
         indices.append(batch.index)
-        if i != batch.index or int(batch["y"][1]) != epoch or not np.array_equal(batch["x"], expected_x(i, epoch)):
+        right = np.array_equal(batch["x"], expected_x(i, epoch))
+        if i != batch.index or int(batch["y"][1]) != epoch or not right:
             bad += 1
         if on_batch is not None:
             on_batch(k)
@@ -96,7 +97,8 @@ class Watchdog:
                 "counters": feed._ring.counters(),
                 "slots": [feed._ring.slot_info(i) for i in range(feed._ring.slots)],
                 "pending": [t[0] for t in d._pending][:50],
-                "inflight": {p.worker: [[t[0] for t in ts] for ts, _ in p.inflight.values()] for p in d.slots},
+                "inflight": {p.worker: [[t[0] for t in ts] for ts, _ in p.inflight.values()]
+                             for p in d.slots},
                 "identities": {p.worker: p.identity for p in d.slots},
             }
         feed._ring.close(f"watchdog: the scenario ran past {self.limit_s} s")

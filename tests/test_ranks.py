@@ -113,8 +113,8 @@ def test_two_ranks_deliver_disjoint_equal_shares_that_together_complete_each_epo
 @pytest.mark.parametrize("ordered", [True, False])
 def test_each_rank_resumes_from_its_own_state(ray_session, ordered):
     length, world_size, rank = 10, 3, 1
-    options = dict(fill=fill, length=length, workers=2, shuffle=True, seed=9, rank=rank, world_size=world_size,
-                   ordered=ordered)
+    options = {"fill": fill, "length": length, "workers": 2, "shuffle": True, "seed": 9, "rank": rank,
+               "world_size": world_size, "ordered": ordered}
     with sf.Feed(SPEC, **options) as feed:
         expected = [int(i) for i in feed.epoch_order(0)]
         first = delivered(feed, 0, stop_after=2)

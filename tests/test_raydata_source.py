@@ -34,7 +34,8 @@ def expected_rows():
 
 def collect(feed, epoch):
     batches = [b.copy() for b in feed.epoch(epoch)]
-    return batches, np.concatenate([b["image"] for b in batches]), np.concatenate([b["label"] for b in batches])
+    images = np.concatenate([b["image"] for b in batches])
+    return batches, images, np.concatenate([b["label"] for b in batches])
 
 
 def test_an_ordered_dataset_arrives_batch_by_batch_in_order_with_its_contents(ray_session):
