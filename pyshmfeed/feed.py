@@ -329,9 +329,25 @@ class Feed:
 
     def _drain(self) -> None:
         """After an abandoned epoch: consume the batches already handed out, so the next starts clean."""
+        if self.kind == "shards":
+            # A shard makes its whole epoch in one producer call that nothing can cut short: drop
+            # what it still makes (else the ring fills and blocks it for good) until every shard
+            # started in the abandoned epoch has returned.
+            while True:
+                unfinished = self._dispatcher.shards_unfinished()
+                try:
+                    self._ring.acquire(timeout=_ACQUIRE_POLL_S if unfinished else 0).release()
+                except (errors.Timeout, errors.WouldBlock):
+                    if not unfinished:
+                        break
+                    self._dispatcher.raise_if_failed()
         for seq in self._dispatcher.outstanding(self._delivered_seqs):
             slot, _ = self._next_batch(record=False)
             slot.release()
+        if self.ordered:
+            # The abandoned epoch's undispatched sequences were never produced: an ordered ring
+            # hands out batch `consumer_head` next, so the next epoch must start there.
+            self._next_seq = self._ring.counters()["consumer_head"]
         self._drain_needed = False
 
     def epoch_order(self, epoch: int) -> np.ndarray:
@@ -463,7 +479,10 @@ def _ensure_ray(address: str | None, workers: int, num_cpus: float) -> bool:
         ray.init(address=address, include_dashboard=False, log_to_driver=True)
         return True
     cpus = max(os.cpu_count() or 1, math.ceil(workers * num_cpus))
-    ray.init(num_cpus=cpus, include_dashboard=False, configure_logging=True, logging_level="warning")
+    # address="local": a new instance, even if a `ray start` cluster runs here (ray.init() would join
+    # it, and refuse num_cpus); joining a cluster is what address= is for.
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, configure_logging=True,
+             logging_level="warning")
     return True
 
 
@@ -504,6 +523,8 @@ class _Dispatcher(threading.Thread):
         self._dispatched: set[int] = set()
         self._stopping = threading.Event()
         self._error: BaseException | None = None
+        # Ordered feeds: a source error waits here until the loop has every batch before it.
+        self._deferred_error: tuple[errors.ProducerError, int] | None = None
         self._busy_s = 0.0
         self._t0 = time.perf_counter()
         self._shard_epoch: int | None = None
@@ -569,6 +590,11 @@ class _Dispatcher(threading.Thread):
                 if p.shard_epoch is not None and p.shard_ref is None:
                     p.shard_epoch = None
 
+    def shards_unfinished(self) -> bool:
+        """Whether a shard of the current shard epoch is running, or restarting after a death."""
+        with self._lock:
+            return any(p.shard_epoch is not None and p.shard_count is None for p in self.slots)
+
     def still_in_flight(self, seqs: set[int]) -> set[int]:
         """Those of ``seqs`` held by a producer call that has not returned (it may still be lost)."""
         with self._lock:
@@ -585,6 +611,10 @@ class _Dispatcher(threading.Thread):
             time.sleep(0.05)
 
     def raise_if_failed(self) -> None:
+        if self._error is None and self._deferred_error is not None:
+            exc, seq = self._deferred_error
+            if self.ring.counters()["consumer_head"] >= seq:  # every batch before it was delivered
+                self._fail(exc)
         if self._error is not None:
             raise self._error
 
@@ -713,9 +743,17 @@ class _Dispatcher(threading.Thread):
         self._busy_s += result.get("busy_s", 0.0)
         if "error" in result:
             e = result["error"]
-            self._fail(errors.ProducerError(
+            exc = errors.ProducerError(
                 f"the {self.feed.kind} source raised {e['type']}: {e['message']} (batch index {e['index']}, "
-                f"producer {e['worker']})", index=e["index"], worker=e["worker"], traceback_text=e["traceback"]))
+                f"producer {e['worker']})", index=e["index"], worker=e["worker"], traceback_text=e["traceback"])
+            if self.feed.ordered and "seq" in e:
+                # Batches before it may still be in the making: keep the ring open and producing
+                # until the loop reaches this batch (raise_if_failed), so they are delivered first.
+                with self._lock:
+                    if self._deferred_error is None or e["seq"] < self._deferred_error[1]:
+                        self._deferred_error = (exc, e["seq"])
+            else:
+                self._fail(exc)
 
     def _check_leases(self) -> None:
         if self.lease is None:
@@ -732,6 +770,10 @@ class _Dispatcher(threading.Thread):
 
     def _on_death(self, p: _ProducerSlot) -> None:
         """Reclaim a dead producer's slots, re-issue its unfinished work, start a replacement."""
+        if p.identity is not None:
+            # Ray may report an actor dead (ray.kill) before its process is gone: one that still
+            # runs could commit after the reclaim below and its work be made twice.
+            _wait_dead(p.identity.get("pid"))
         with self._lock:
             lost_tasks = [t for tasks, _ in p.inflight.values() for t in tasks]
             had_shard = p.shard_ref is not None

@@ -111,7 +111,8 @@ class Producer:
             except errors.RingClosed:
                 return {"done": done, "busy_s": busy, "closed": True}
             except Exception as exc:  # a user function (or its batch) failed
-                return {"done": done, "busy_s": busy, "error": _error_record(exc, index, self.worker)}
+                error = {**_error_record(exc, index, self.worker), "seq": seq}  # seq: feed.py orders errors
+                return {"done": done, "busy_s": busy, "error": error}
             done += 1
         return {"done": done, "busy_s": busy}
 
@@ -120,20 +121,18 @@ class Producer:
         (already delivered before a restart). Returns how many batches the shard has in total."""
         ctx = SourceContext(self.worker, self.num_workers, epoch, self.seed)
         busy = 0.0
-        position = -1
+        position = 0  # the batch being made (or fetched from the generator): an error names it
         try:
-            iterator = iter(self.fn(self.worker, self.num_workers, ctx))
-            for position, batch in enumerate(iterator):
-                if position < skip:
-                    continue
-                busy += self._produce(seq_base + position, position, ctx,
-                                      lambda layout, b=batch: copy_batch_into(layout, b))
+            for batch in self.fn(self.worker, self.num_workers, ctx):
+                if position >= skip:
+                    busy += self._produce(seq_base + position, position, ctx,
+                                          lambda layout, b=batch: copy_batch_into(layout, b))
+                position += 1
         except errors.RingClosed:
-            return {"count": position + 1, "busy_s": busy, "closed": True}
+            return {"count": position, "busy_s": busy, "closed": True}
         except Exception as exc:
-            return {"count": position + 1, "busy_s": busy,
-                    "error": _error_record(exc, max(position, 0), self.worker)}
-        return {"count": position + 1, "busy_s": busy}
+            return {"count": position, "busy_s": busy, "error": _error_record(exc, position, self.worker)}
+        return {"count": position, "busy_s": busy}
 
     def shutdown(self) -> None:
         self.ring.detach()

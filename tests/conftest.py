@@ -133,7 +133,9 @@ def ray_session():
     if ray.is_initialized():
         ray.shutdown()
     pythonpath = os.pathsep.join(p for p in (TESTS_DIR, os.environ.get("PYTHONPATH", "")) if p)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="warning",
+    # address="local": start our own instance even if another program on this machine ran
+    # `ray start` (ray.init() would join that cluster, and refuse num_cpus).
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="warning",
              runtime_env={"env_vars": {"PYTHONPATH": pythonpath}})
     try:
         yield ray
