@@ -395,7 +395,8 @@ def test_metadata_length_past_its_area_is_corrupt():
         layout.read(nbytes)
 
 
-@pytest.mark.parametrize("array, dim, value", [(0, 0, 5), (0, 1, 9), (1, 0, -1), (2, 2, 2**40), (2, 0, -2**62)])
+@pytest.mark.parametrize("array, dim, value",
+                         [(0, 0, 5), (0, 1, 9), (1, 0, -1), (2, 2, 2**40), (2, 0, -2**62)])
 def test_a_dimension_outside_the_maximum_is_corrupt_and_names_the_array(array, dim, value):
     _, layout, nbytes = valid_slot()
     layout.shapes[array, dim] = value
