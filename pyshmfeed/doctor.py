@@ -23,8 +23,8 @@ import os
 import resource
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Callable
 
 HELP = "check shared memory, free memory, locked-memory limit, Ray and CUDA; say what to fix"
 
@@ -230,7 +230,7 @@ def diagnose() -> list[Verdict]:
     for check in CHECKS:
         try:
             result = check()
-        except Exception as exc:  # a broken check is itself a finding, not a crash of the doctor
+        except Exception as exc:  # noqa: BLE001 - a broken check is a finding, not a crash of the doctor
             result = Verdict(check.__name__.removeprefix("check_"), "fail", f"the check itself failed: {exc!r}")
         out.extend(result if isinstance(result, list) else [result])
     return out

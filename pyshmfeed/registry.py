@@ -122,7 +122,7 @@ def record(ring: Any, role: str, backing: str = "") -> str | None:
                            slot_stride=ring.slot_stride, nbytes=ring.nbytes, ordered=ring.ordered)
             return _write_json(folder, RING_RECORD, payload)
         return _write_json(folder, f"{pid}-{ring.owner:x}.json", payload)
-    except Exception:  # advisory: an unwritable registry only makes the ring unlisted
+    except Exception:  # noqa: BLE001 - advisory: an unusable registry only makes the ring unlisted
         return None
 
 

@@ -35,7 +35,7 @@ import zlib
 import numpy as np
 import pytest
 
-from pyshmfeed import BatchSpec, Feed, cleanup
+from pyshmfeed import BatchSpec, Feed, cleanup, registry
 from pyshmfeed.producer import KILL_HOOK_ENV
 from pyshmfeed.ring import process_alive
 
@@ -166,8 +166,9 @@ class Killer(threading.Thread):
 
     def run(self) -> None:
         while not self.done.wait(self.rng.uniform(*self.interval)):
+            # Zombies count as dead here (process_alive would say alive until Ray reaps them).
             live = [p.pids[-1] for p in self.slots if p.identity is not None and p.pids
-                    and p.pids[-1] is not None and process_alive(p.pids[-1])]
+                    and p.pids[-1] is not None and registry.is_alive(p.pids[-1], None)]
             if len(live) < 2:
                 continue
             pid = self.rng.choice(live)

@@ -413,9 +413,8 @@ def one_cycle(i: int) -> None:
                 assert bytes(got.memory[:3]) == b"abc"
     elif path == 1:  # an exception while a claim is held
         try:
-            with Ring.create(2, 256, backing=backing, ordered=False) as ring:
-                with ring.claim():
-                    raise Boom()
+            with Ring.create(2, 256, backing=backing, ordered=False) as ring, ring.claim():
+                raise Boom()
         except Boom:
             pass
     elif path == 2:  # an exception while a batch is held by the consumer
@@ -435,7 +434,7 @@ def one_cycle(i: int) -> None:
 
 
 def test_a_thousand_create_close_cycles_leak_no_segment_fd_or_memory():
-    mine = lambda: {e["dir"] for e in registry.rings() if e["ring"] and e["ring"]["pid"] == os.getpid()}  # noqa: E731
+    mine = lambda: {e["dir"] for e in registry.rings() if e["ring"] and e["ring"]["pid"] == os.getpid()}
     registry_before = mine()
     for i in range(50):  # warm up allocators and caches before measuring
         one_cycle(i)
@@ -662,7 +661,7 @@ def survivor(path: str, seconds: float, conn) -> None:
     """Run producer and consumer calls against a ring being scribbled on; report outcome counts."""
     try:
         conn.send(survive(path, seconds))
-    except BaseException as exc:  # anything but a ShmfeedError is a failure: report it, do not hang
+    except BaseException as exc:  # noqa: BLE001 - anything but a ShmfeedError fails: report it, do not hang
         conn.send({"unexpected": repr(exc)})
     os._exit(0)
 
@@ -754,11 +753,11 @@ SMALL_TMPFS = textwrap.dedent("""
 def test_named_ring_in_a_small_tmpfs_is_no_space_at_creation_never_sigbus_later():
     if os.geteuid() != 0 or shutil.which("unshare") is None:
         pytest.skip("needs root and unshare(1) to mount a private small tmpfs on /dev/shm")
-    probe = subprocess.run(["unshare", "--mount", "true"], capture_output=True)
+    probe = subprocess.run(["unshare", "--mount", "true"], capture_output=True, check=False)
     if probe.returncode != 0:
         pytest.skip(f"cannot make a mount namespace here: {probe.stderr.decode().strip()}")
     out = subprocess.run(["unshare", "--mount", "--propagation", "private", sys.executable, "-c", SMALL_TMPFS],
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, timeout=60, check=False)
     assert out.returncode == 0, out.stderr
     nospace = [line for line in out.stdout.splitlines() if line.startswith("NOSPACE")]
     assert nospace and "OK" in out.stdout.splitlines()
@@ -783,6 +782,11 @@ IN_A_SMALL_CGROUP = textwrap.dedent("""
 """)
 
 
+def read_text(path: str) -> str:
+    with open(path) as f:
+        return f.read()
+
+
 def small_memory_cgroup(limit: int):
     """A fresh memory cgroup (v1 or v2) limited to ``limit`` bytes: (its procs file, its dir), or skip."""
     if os.geteuid() != 0:
@@ -795,7 +799,7 @@ def small_memory_cgroup(limit: int):
             os.mkdir(path)
             with open(os.path.join(path, "memory.limit_in_bytes"), "w") as f:
                 f.write(str(limit))
-        elif "memory" in open(os.path.join(v2, "cgroup.subtree_control")).read().split():
+        elif "memory" in read_text(os.path.join(v2, "cgroup.subtree_control")).split():
             path = os.path.join(v2, name)
             os.mkdir(path)
             with open(os.path.join(path, "memory.max"), "w") as f:
@@ -811,7 +815,7 @@ def test_ring_past_the_memory_cgroup_limit_is_no_space_not_an_oom_kill():
     procs, path = small_memory_cgroup(256 * 2**20)
     try:
         out = subprocess.run([sys.executable, "-c", IN_A_SMALL_CGROUP, procs], capture_output=True, text=True,
-                             timeout=60)
+                             timeout=60, check=False)
     finally:
         os.rmdir(path)
     assert out.returncode == 0, f"the creator died ({out.returncode}): {out.stderr[-2000:]}"
@@ -916,7 +920,7 @@ def test_a_planted_segment_with_the_chosen_name_is_an_error_not_reused(tmp_path)
                 "try:\n    Ring.create(1, 64, backing='named')\n    print('REUSED')\n"
                 "except SegmentPermissionError as exc:\n    print('REFUSED', exc)\n")
         out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                             env=dict(os.environ, LD_PRELOAD=str(shim)))
+                             env=dict(os.environ, LD_PRELOAD=str(shim)), check=False)
         assert out.returncode == 0, out.stderr
         assert out.stdout.startswith("REFUSED") and planted.split("/")[-1] in out.stdout, out.stdout
         with open(planted, "rb") as f:

@@ -168,16 +168,16 @@ def test_cleanup_reports_an_orphaned_producer_and_stops_it_when_asked(capsys):
     creator.start()
     assert parent.poll(60)
     path = parent.recv()
-    producer = subprocess.Popen([sys.executable, "-c", "import sys, time; from pyshmfeed import Ring\n"
-                                 "r = Ring.attach(sys.argv[1]); print('attached', flush=True); time.sleep(60)", path],
-                                stdout=subprocess.PIPE, text=True)
+    code = ("import sys, time; from pyshmfeed import Ring\n"
+            "r = Ring.attach(sys.argv[1]); print('attached', flush=True); time.sleep(60)")
+    producer = subprocess.Popen([sys.executable, "-c", code, path], stdout=subprocess.PIPE, text=True)
     try:
         assert producer.stdout.readline().strip() == "attached"
         os.kill(creator.pid, signal.SIGKILL)
         creator.join(10)
-        rc, out = run_cli(capsys, "cleanup", "--dry-run")
+        _, out = run_cli(capsys, "cleanup", "--dry-run")
         assert f"orphaned: producer pid {producer.pid}" in out
-        rc, out = run_cli(capsys, "cleanup", "--kill-orphans")
+        _, out = run_cli(capsys, "cleanup", "--kill-orphans")
         assert f"sent SIGTERM to producer pid {producer.pid}" in out
         assert producer.wait(10) == -signal.SIGTERM
         assert not os.path.exists(path)
