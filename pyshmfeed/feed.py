@@ -322,7 +322,8 @@ class Feed:
             raise
         if record:
             counters = self._ring.counters()
-            self._stats.add_batch(time.perf_counter() - t0, slot.nbytes, counters["commits"] - counters["acquires"])
+            array_bytes = sum(v.nbytes for v in views)  # the data, not the slot header
+            self._stats.add_batch(time.perf_counter() - t0, array_bytes, counters["commits"] - counters["acquires"])
         batch = Batch(self.spec.names, views, positional=self.spec.positional, index=ident["index"],
                       epoch=ident["epoch"], worker=ident["worker"], meta=meta, seq=slot.seq)
         return slot, batch
