@@ -163,7 +163,8 @@ class StageStats:
 
     def use(self, target: "_Target") -> None:
         with self._lock:
-            self.path, self.description, self.host_copies = target.path, target.description, target.host_copies
+            self.path, self.description = target.path, target.description
+            self.host_copies = target.host_copies
 
     def staged(self, nbytes: int, ahead: int, held: int) -> None:
         with self._lock:
@@ -247,7 +248,7 @@ def _staging(feed: "Feed") -> _FeedStaging:
 
 
 class _Target:
-    """How batches are staged. ``stage`` runs on the stage thread, ``hand_out`` and ``moved_on`` on the loop's."""
+    """How batches are staged: ``stage`` runs on the stage thread, ``hand_out``/``moved_on`` on the loop's."""
 
     path = "cpu-view"
     description = "cpu-view (zero copy)"
@@ -268,6 +269,9 @@ class _Target:
 
     def close(self) -> None:
         """When the feed closes."""
+
+    def thread_setup(self) -> None:
+        """At the start of the stage and releaser threads."""
 
 
 class NumpyTarget(_Target):
@@ -436,8 +440,8 @@ class CudaTarget(_Target):
             why = reg.error if reg is not None else "page-locking turned off (register=False)"
             self.pool = _PinnedPool(torch, self.spec, max(2, int(pool)))
             self.path = "cuda-pinned-pool"
-            self.description = (f"{self.device}: via a pool of {self.pool.count} pinned buffers (one extra host "
-                                f"copy), because {why}")
+            self.description = (f"{self.device}: via a pool of {self.pool.count} pinned buffers (one extra "
+                                f"host copy), because {why}")
             self.host_copies = 1
 
     def stage(self, core: "_StageCore", slot: ConsumerSlot, batch: Batch) -> _Staged:
@@ -472,7 +476,11 @@ class CudaTarget(_Target):
         else:
             core.release_after(event, None, staged_at, then=lambda: self.pool.put(buf))
         it = iter(outs)
-        return _Staged(batch.map(lambda _a: next(it)), None, batch_nbytes(batch), event=event, staged_at=staged_at)
+        return _Staged(batch.map(lambda _a: next(it)), None, batch_nbytes(batch), event=event,
+                       staged_at=staged_at)
+
+    def thread_setup(self) -> None:
+        self._torch.cuda.set_device(self.device)  # the runtime's current device is per thread
 
     def hand_out(self, staged: _Staged) -> None:
         torch = self._torch
@@ -599,7 +607,8 @@ class _StageCore:
         """Give ``slot`` back to the producers now. Any thread; each slot exactly once."""
         with self._cond:
             if slot.released:
-                raise errors.SlotStateError(f"batch seq {slot.seq}: slot {slot.slot} released twice by the stage")
+                raise errors.SlotStateError(f"batch seq {slot.seq}: slot {slot.slot} released twice by the "
+                                            "stage")
             slot.release()
             self.held -= 1
             self.released += 1
@@ -616,6 +625,11 @@ class _StageCore:
             self._release_cond.notify()
 
     def _run_releaser(self) -> None:
+        try:
+            self.target.thread_setup()
+        except BaseException as exc:
+            self._async_failure = _Failure(exc, f"on the pyshmfeed releaser thread (epoch {self.epoch}), "
+                                                "while starting")
         while True:
             with self._release_cond:
                 while not self._release_q:
@@ -636,8 +650,8 @@ class _StageCore:
                     then()
             except BaseException as exc:
                 if self._async_failure is None:
-                    self._async_failure = _Failure(exc, f"on the pyshmfeed releaser thread (epoch {self.epoch}), "
-                                                        f"while {where}")
+                    self._async_failure = _Failure(
+                        exc, f"on the pyshmfeed releaser thread (epoch {self.epoch}), while {where}")
                 with self._cond:
                     self._cond.notify_all()
             with self._release_cond:
@@ -664,6 +678,7 @@ class _StageCore:
         where = "starting the epoch"
         gen = None
         try:
+            self.target.thread_setup()
             gen = self.feed.slots_of(self.epoch, stop=self.stop_event.is_set)
             k = 0
             while True:
@@ -730,8 +745,8 @@ class _StageCore:
                 if self._closed:
                     break
                 if not self.thread.is_alive() and not self._ready:
-                    self._ready.append(_Failure(errors.ShmfeedError("the stage thread stopped without a batch, an "
-                                                                    "end or an error"), "in pyshmfeed.stage"))
+                    lost = errors.ShmfeedError("the stage thread stopped without a batch, an end or an error")
+                    self._ready.append(_Failure(lost, "in pyshmfeed.stage"))
                     break
                 self._cond.wait(_WAIT_SLICE_S)
             item = self._ready.popleft() if self._ready else None
@@ -774,7 +789,8 @@ class _StageCore:
         if self.thread is not threading.current_thread():
             self.thread.join(_JOIN_TIMEOUT_S)
             if self.thread.is_alive():
-                problems.append(f"the stage thread of epoch {self.epoch} did not stop within {_JOIN_TIMEOUT_S:g} s")
+                problems.append(f"the stage thread of epoch {self.epoch} did not stop within "
+                                f"{_JOIN_TIMEOUT_S:g} s")
         # Whatever is still held: the loop's current batch, then batches staged but never handed out.
         if self.current is not None:
             staged, self.current = self.current, None
@@ -797,7 +813,8 @@ class _StageCore:
                 self._release_cond.notify_all()
             self.releaser.join(_JOIN_TIMEOUT_S)
             if self.releaser.is_alive():
-                problems.append(f"the releaser thread of epoch {self.epoch} did not stop within {_JOIN_TIMEOUT_S:g} s")
+                problems.append(f"the releaser thread of epoch {self.epoch} did not stop within "
+                                f"{_JOIN_TIMEOUT_S:g} s")
         self.feed._remove_closer(self._close_from_feed)
         if problems:
             raise errors.ShmfeedError("closing the stage: " + "; ".join(problems))
@@ -828,7 +845,8 @@ class Stage(Iterator[Batch]):
     """
 
     def __init__(self, feed: "Feed", epoch: int = 0, target: _Target | None = None, *,
-                 prefetch: int | None = None, on_release: Callable[[ConsumerSlot], None] | None = None) -> None:
+                 prefetch: int | None = None,
+                 on_release: Callable[[ConsumerSlot], None] | None = None) -> None:
         prefetch = feed.prefetch if prefetch is None else prefetch
         if not isinstance(prefetch, int) or prefetch < 0 or prefetch + 2 > feed.slots:
             raise errors.InvalidArgument(f"prefetch={prefetch!r} must be an int in 0..{feed.slots - 2} "

@@ -339,3 +339,95 @@ def test_staging_figures_are_merged_into_feed_stats(feed, epochs):
     assert s["staging_path"] == "cpu-view" and s["staging_host_copies"] == 0
     assert s["staged_batches"] >= LENGTH and s["stage_max_ahead"] <= feed.prefetch
     assert np.isfinite(s["stage_wait_mean_s"])
+
+
+# ---- the CUDA target's bookkeeping, with a stand-in for torch.cuda ----------------------------------
+# The real thing runs in bench/gpu_check.py and tests/test_gpu.py on a GPU; this pins down, on any
+# machine, what the target does around the CUDA calls: which path it picks, that every slot and every
+# pinned buffer comes back exactly once and only after its event, and that the loop's stream waits.
+
+
+class _FakeCuda:
+    """Just enough of torch.cuda: events complete after a few polls; copies are CPU copies."""
+
+    def __init__(self, register_rc: int) -> None:
+        import contextlib
+        import types
+
+        self.register_rc = register_rc
+        self.waited: list = []
+        self.recorded_streams: list = []
+        fake = self
+
+        class Event:
+            def __init__(self, enable_timing=False):
+                self.polls = 0
+
+            def record(self, stream=None):
+                pass
+
+            def query(self):
+                self.polls += 1
+                return self.polls > 2
+
+        class Stream:
+            def __init__(self, device=None, priority=0):
+                pass
+
+            def wait_event(self, event):
+                fake.waited.append(event)
+
+        self.cuda = types.SimpleNamespace(
+            is_available=lambda: True, current_device=lambda: 0, device_count=lambda: 1, Stream=Stream,
+            Event=Event, stream=lambda s: contextlib.nullcontext(), device=lambda d: contextlib.nullcontext(),
+            current_stream=lambda device=None: Stream(), set_device=lambda d: None,
+            synchronize=lambda *a: None,
+            _sleep=lambda cycles: None, CudaError=lambda rc: RuntimeError(f"error {rc}"),
+            cudart=lambda: types.SimpleNamespace(cudaHostRegister=lambda ptr, n, flags: fake.register_rc,
+                                                 cudaHostUnregister=lambda ptr: 0))
+
+    def torch(self):
+        import torch
+
+        fake = self
+
+        class Proxy:
+            cuda = fake.cuda
+
+            def __getattr__(self, name):
+                return getattr(torch, name)
+
+            @staticmethod
+            def empty(*shape, dtype=None, device=None, pin_memory=False):
+                return torch.empty(*shape, dtype=dtype)
+
+        return Proxy()
+
+
+@pytest.mark.parametrize("register_rc, path", [(0, "cuda-registered"), (2, "cuda-pinned-pool")])
+def test_cuda_target_bookkeeping_with_a_stand_in_for_torch_cuda(feed, epochs, monkeypatch, register_rc, path):
+    torch = pytest.importorskip("torch")
+    import pyshmfeed.stage as stage_module
+
+    fake = _FakeCuda(register_rc)
+    monkeypatch.setattr(stage_module, "_torch", fake.torch)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, s: fake.recorded_streams.append(s),
+                        raising=False)
+    staging = stage_module._FeedStaging.__new__(stage_module._FeedStaging)  # a private one: no cached state
+    staging.ring, staging.spec, staging.stats = feed.ring, feed.spec, stage_module.StageStats()
+    staging.targets, staging._registration, staging._closed = {}, None, False
+    target = stage_module.CudaTarget(staging, "cuda:0")
+    assert target.path == path and target.host_copies == (0 if register_rc == 0 else 1)
+    released: list[int] = []
+    got = []
+    with Stage(feed, epochs(), target, on_release=lambda s: released.append(s.seq)) as stage:
+        for batch in stage:
+            got.append((float(batch["x"][0, 0]), int(batch["i"][0]), batch.index))
+    assert [index for _, _, index in got] == list(range(LENGTH))
+    assert all(i == index and (x - index) % 1000 == 0 for x, i, index in got)  # each batch's own contents
+    assert len(released) == len(set(released)) == LENGTH
+    assert len(fake.waited) == LENGTH and len(fake.recorded_streams) == 2 * LENGTH
+    if target.pool is not None:
+        assert len(target.pool._free) == target.pool.count  # every pinned buffer came back
+    assert acquired_now(feed) == 0
+

@@ -42,8 +42,8 @@ def batches(feed: Any, epoch: int = 0, *, device: Any = None, prefetch: int = 2)
     else:
         dev = device
     if not isinstance(prefetch, int) or prefetch < 0 or prefetch + 2 > feed.slots:
-        raise errors.InvalidArgument(f"prefetch={prefetch!r} must be an int in 0..{feed.slots - 2} (the feed has "
-                                     f"{feed.slots} slots)")
+        raise errors.InvalidArgument(f"prefetch={prefetch!r} must be an int in 0..{feed.slots - 2} (the feed "
+                                     f"has {feed.slots} slots)")
     on_cpu = dev.platform == "cpu"
     pending: collections.deque = collections.deque()  # (slot or None, batch, device arrays)
 

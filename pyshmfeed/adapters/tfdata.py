@@ -31,8 +31,8 @@ def _aligned_copy(a: np.ndarray) -> np.ndarray:
     return out
 
 
-def dataset(feed: Any, *, keys: Sequence[str] | None = None, start_epoch: int = 0, prefetch: int | None = None,
-            fixed_batch: bool = False):
+def dataset(feed: Any, *, keys: Sequence[str] | None = None, start_epoch: int = 0,
+            prefetch: int | None = None, fixed_batch: bool = False):
     """A ``tf.data.Dataset`` of the feed's batches; each iteration of it is the feed's next epoch.
 
     Elements are dicts of tensors (named spec), tuples (positional spec), or
@@ -76,6 +76,9 @@ def dataset(feed: Any, *, keys: Sequence[str] | None = None, start_epoch: int = 
                 yield tuple(copies)
 
     ds = tf.data.Dataset.from_generator(generate, output_signature=output_signature)
+    if getattr(feed, "kind", None) in ("fill", "make"):
+        # Batches per epoch are known for indexed sources: Keras then knows an epoch's end in advance.
+        ds = ds.apply(tf.data.experimental.assert_cardinality(len(feed.epoch_order(start_epoch))))
     if prefetch:
         if prefetch < 0:
             raise errors.InvalidArgument(f"prefetch={prefetch} must be >= 0")

@@ -1,4 +1,4 @@
-"""PyTorch front end: batches of tensors from a ``Feed``, and a drop-in ``DataLoader`` over a map-style dataset.
+"""PyTorch front end: batches of tensors from a ``Feed``; a drop-in ``DataLoader`` over a map-style dataset.
 
 ``TorchBatches(feed, device=...)`` iterates a feed epoch after epoch and
 yields ``Batch`` objects of torch tensors, staged by ``pyshmfeed.stage``.
@@ -198,6 +198,19 @@ class _IndexTables:
         return self._tables[epoch]
 
 
+_INDEX_TABLES = None
+
+
+def _index_tables_class():
+    """The Ray actor class, made once per process (each ``ray.remote`` exports the class again)."""
+    global _INDEX_TABLES
+    if _INDEX_TABLES is None:
+        import ray
+
+        _INDEX_TABLES = ray.remote(num_cpus=0)(_IndexTables)
+    return _INDEX_TABLES
+
+
 class _SampleSource:
     """The ``fill`` source of a ``DataLoader``'s feed, run in the producers.
 
@@ -264,8 +277,9 @@ class _SampleSource:
                 arr = _leaf_array(leaf, f"{where}, field {k}")
                 if arr.shape != row.shape[1:]:
                     raise errors.SpecMismatch(
-                        f"{where}, field {k} has shape {arr.shape}; dataset[0]'s is {row.shape[1:]}. Samples of "
-                        "different shapes need a collate_fn (padding, say) and spec= with the maximum shapes")
+                        f"{where}, field {k} has shape {arr.shape}; dataset[0]'s is {row.shape[1:]}. "
+                        "Samples of different shapes need a collate_fn (padding, say) and spec= with the "
+                        "maximum shapes")
                 np.copyto(row[j, ...], arr, casting="same_kind")  # the sample, straight into its row
 
 
@@ -273,7 +287,7 @@ class _SampleSource:
 
 
 class DataLoader:
-    """A drop-in for ``torch.utils.data.DataLoader`` over a map-style dataset, fed through a shared-memory ring.
+    """A drop-in for ``torch.utils.data.DataLoader`` over a map-style dataset, fed through the ring.
 
     Same arguments, same batches in the same order for the same sampler
     order and generator: ``batch_size``, ``shuffle``, ``sampler``,
@@ -307,9 +321,11 @@ class DataLoader:
     def __init__(self, dataset: Any, batch_size: int | None = 1, shuffle: bool | None = None,
                  sampler: Any = None, batch_sampler: Any = None, num_workers: int = 0,
                  collate_fn: Callable | None = None, pin_memory: bool = False, drop_last: bool = False,
-                 timeout: float = 0, worker_init_fn: Callable | None = None, multiprocessing_context: Any = None,
-                 generator: Any = None, *, prefetch_factor: int | None = None, persistent_workers: bool = False,
-                 pin_memory_device: str = "", in_order: bool = True, device: Any = None, zero_copy: bool = False,
+                 timeout: float = 0, worker_init_fn: Callable | None = None,
+                 multiprocessing_context: Any = None, generator: Any = None, *,
+                 prefetch_factor: int | None = None, persistent_workers: bool = False,
+                 pin_memory_device: str = "", in_order: bool = True, device: Any = None,
+                 zero_copy: bool = False,
                  seed: int | None = None, spec: BatchSpec | None = None, prefetch: int = 2,
                  feed_options: dict | None = None) -> None:
         import torch
@@ -331,8 +347,8 @@ class DataLoader:
             raise ValueError("sampler option is mutually exclusive with shuffle")
         if batch_sampler is not None:
             if batch_size != 1 or shuffle or sampler is not None or drop_last:
-                raise ValueError("batch_sampler option is mutually exclusive with batch_size, shuffle, sampler, "
-                                 "and drop_last")
+                raise ValueError("batch_sampler option is mutually exclusive with batch_size, shuffle, "
+                                 "sampler, and drop_last")
             batch_size = None
             drop_last = False
         elif batch_size is None:
@@ -382,7 +398,7 @@ class DataLoader:
         return len(self.batch_sampler)
 
     def _draw_epoch(self) -> tuple[list[list[int]], int]:
-        """The epoch's batches of sample indices and base seed, drawn exactly as torch's iterator draws them."""
+        """The epoch's batches of sample indices and base seed, drawn exactly as torch's iterator does."""
         import torch
 
         base_seed = None
@@ -404,7 +420,8 @@ class DataLoader:
             structure = _Structure.of(sample)
             arrays = [_leaf_array(x, f"dataset[0], field {k}") for k, x in
                       enumerate(structure.flatten(sample, "dataset[0]"))]
-            width = self.batch_size if self.batch_size is not None else max((len(b) for b in table), default=1)
+            width = self.batch_size if self.batch_size is not None else max(
+                (len(b) for b in table), default=1)
             spec = self._spec_override or structure.spec(arrays, width)
             return structure, spec
         if not table:
@@ -429,11 +446,9 @@ class DataLoader:
                                self.worker_init_fn, self.persistent_workers)
         options = {"workers": workers, "slots": slots, "prefetch": self.prefetch, "ordered": self.in_order}
         options.update(self._feed_options)
-        self._feed = Feed(self._spec, fill=source, length=max(1, len(table)), **options)
+        self._feed = Feed(self._spec, fill=source, length=len(table), **options)
         try:
-            import ray
-
-            self._tables = ray.remote(num_cpus=0)(_IndexTables).options(name=self._tables_name).remote()
+            self._tables = _index_tables_class().options(name=self._tables_name).remote()
         except BaseException:
             self._feed.close()
             self._feed = None
@@ -446,8 +461,11 @@ class DataLoader:
         if previous is not None:
             previous.close()  # like torch, a new iterator ends the previous one
         table, base_seed = self._draw_epoch()
+        if not table:  # a sampler with nothing to give this epoch (torch yields nothing too)
+            self._epoch += 1
+            return _LoaderIterator(None, None, 0)
         if self._feed is not None and (len(table) != self._feed.length or
-                                       (self.collate_fn is None and table and
+                                       (self.collate_fn is None and
                                         max(len(b) for b in table) > self._spec.arrays[0].shape[0])):
             self._stop_feed()  # a sampler whose epochs differ in shape: a feed of the new shape
         if self._feed is None:
@@ -460,8 +478,8 @@ class DataLoader:
         import ray
 
         ray.get(self._tables.put.remote(epoch, flat, offsets, base_seed))
-        it = _LoaderIterator(Stage(self._feed, epoch, self._target(), prefetch=self.prefetch), self._structure,
-                             len(table)) if table else _LoaderIterator(None, self._structure, 0)
+        stage = Stage(self._feed, epoch, self._target(), prefetch=self.prefetch)
+        it = _LoaderIterator(stage, self._structure, len(table))
         self._iterator = weakref.ref(it)
         return it
 
@@ -519,7 +537,7 @@ class DataLoader:
 class _LoaderIterator(Iterator[Any]):
     """One epoch of a ``DataLoader``: batches rebuilt in the dataset's structure (torch's collate layout)."""
 
-    def __init__(self, stage: Stage | None, structure: _Structure, length: int) -> None:
+    def __init__(self, stage: Stage | None, structure: _Structure | None, length: int) -> None:
         self._stage = stage
         self._structure = structure
         self._length = length
