@@ -97,6 +97,8 @@ class Feed:
         self._started_ray = False
         self._closers: list[Callable[[], None]] = []  # stages, then page-locking (NOTE [stage lifecycle])
         self._staging_stats: Callable[[], dict] | None = None  # set by pyshmfeed.stage
+        # Batches a stage took from the ring for the epoch but never handed to the loop: (index, worker).
+        self._undelivered: Callable[[], list[tuple[int, int]]] | None = None
         # ---- validate everything before starting anything ------------------
         if not isinstance(spec, BatchSpec):
             raise errors.InvalidArgument(f"spec must be a BatchSpec, got {type(spec).__name__}")
@@ -230,6 +232,7 @@ class Feed:
             self._drain()
         self._epoch_active = epoch
         self._current_epoch = epoch
+        self._undelivered = None  # a stage of this epoch registers again
         self._epoch_finished = False
         wall0 = time.perf_counter()
         try:
@@ -379,14 +382,21 @@ class Feed:
         epoch = self._current_epoch if self._current_epoch is not None else (
             self._resume["epoch"] if self._resume else 0)
         finished = self._epoch_finished and self._current_epoch is not None
+        # A staging thread runs ahead of the loop: what it took but did not hand over is not delivered.
+        undelivered = self._undelivered() if self._undelivered is not None else []
+        if undelivered:
+            finished = False
         state = {"version": STATE_VERSION, "kind": self.kind, "length": self.length, "seed": self.seed,
                  "shuffle": self.shuffle, "ordered": self.ordered, "rank": self.rank,
                  "world_size": self.world_size,
-                 "epoch": epoch + 1 if finished else epoch, "position": 0 if finished else self._position}
+                 "epoch": epoch + 1 if finished else epoch,
+                 "position": 0 if finished else self._position - len(undelivered)}
         if not finished and not self.ordered and self.kind != "shards":
-            state["delivered"] = sorted(self._delivered_indices)
+            state["delivered"] = sorted(self._delivered_indices - {index for index, _ in undelivered})
         if not finished and self.kind == "shards":
-            state["shard_delivered"] = {str(k): v for k, v in self._shard_delivered.items()}
+            shard_delivered = collections.Counter(self._shard_delivered)
+            shard_delivered.subtract(worker for _, worker in undelivered)
+            state["shard_delivered"] = {str(k): v for k, v in shard_delivered.items()}
         return state
 
     def stats(self) -> dict[str, Any]:

@@ -589,6 +589,7 @@ class _StageCore:
         self.current: _Staged | None = None   # the batch the loop has now
         self._closed = False
         self._close_reason: str | None = None
+        self._discarded: list[tuple[int, int]] = []  # staged, never handed out: (index, worker)
         self._async_failure: _Failure | None = None
         self._release_q: collections.deque = collections.deque()
         self._release_cond = threading.Condition()
@@ -708,6 +709,7 @@ class _StageCore:
                     self.max_ahead = max(self.max_ahead, ahead)
                     held = self.held
                 self.stats.staged(staged.nbytes, ahead, held)
+                self.feed._undelivered = self.undelivered  # state_dict() must not count staged batches
                 self._push(staged)
                 k += 1
         except _Stopped:
@@ -765,6 +767,12 @@ class _StageCore:
         self.stats.loop_wait(time.perf_counter() - t0)
         return item.batch
 
+    def undelivered(self) -> list[tuple[int, int]]:
+        """(index, worker) of each batch taken from the ring that the loop has not had (``Feed.state_dict``)."""
+        with self._cond:
+            staged = [(item.batch.index, item.batch.worker) for item in self._ready if isinstance(item, _Staged)]
+        return staged + self._discarded
+
     def _raise_async_failure(self) -> None:
         failure = self._async_failure
         if failure is not None:
@@ -801,6 +809,8 @@ class _StageCore:
         with self._cond:
             leftovers, self._ready = list(self._ready), collections.deque()
         for item in leftovers:
+            if isinstance(item, _Staged):
+                self._discarded.append((item.batch.index, item.batch.worker))
             if isinstance(item, _Staged) and item.slot is not None:
                 slot, item.slot = item.slot, None
                 try:

@@ -431,3 +431,22 @@ def test_cuda_target_bookkeeping_with_a_stand_in_for_torch_cuda(feed, epochs, mo
         assert len(target.pool._free) == target.pool.count  # every pinned buffer came back
     assert acquired_now(feed) == 0
 
+
+
+def test_state_dict_counts_only_batches_the_loop_has_had(feed, epochs):
+    e = epochs()
+    with Stage(feed, e, numpy_target(feed), prefetch=3) as stage:
+        for _ in range(5):
+            next(stage)
+        time.sleep(0.3)  # the thread has taken three more from the ring
+        assert stage.max_ahead == 3
+        assert (feed.state_dict()["epoch"], feed.state_dict()["position"]) == (e, 5)
+        for _ in range(LENGTH - 7):
+            next(stage)
+        time.sleep(0.3)  # the ring side of the epoch is over; the loop has not had the last two
+        assert (feed.state_dict()["epoch"], feed.state_dict()["position"]) == (e, LENGTH - 2)
+    # Closed early: the two staged batches were given back undelivered, so resuming starts with them.
+    assert (feed.state_dict()["epoch"], feed.state_dict()["position"]) == (e, LENGTH - 2)
+    with Stage(feed, epochs(), numpy_target(feed)) as stage:
+        assert len(list(stage)) == LENGTH
+    assert feed.state_dict()["position"] == 0  # a finished epoch: the next one starts at 0
