@@ -768,9 +768,10 @@ class _StageCore:
         return item.batch
 
     def undelivered(self) -> list[tuple[int, int]]:
-        """(index, worker) of each batch taken from the ring that the loop has not had (``Feed.state_dict``)."""
+        """(index, worker) of each batch taken from the ring that the loop has not had (for state_dict)."""
         with self._cond:
-            staged = [(item.batch.index, item.batch.worker) for item in self._ready if isinstance(item, _Staged)]
+            staged = [(item.batch.index, item.batch.worker) for item in self._ready
+                      if isinstance(item, _Staged)]
         return staged + self._discarded
 
     def _raise_async_failure(self) -> None:
