@@ -68,28 +68,42 @@ def make_fill(workload: str, io_s: float):
     return fill
 
 
-def run_config(spec, workload, io_s, placement, workers, batches, repeats, slots, chunk):
-    """Batches per second the loop receives (median over ``repeats`` epochs, after one warm-up)."""
-    kwargs = {} if placement == "node" else {"placement": placement}
-    rates = []
-    with sf.Feed(spec, fill=make_fill(workload, io_s), length=batches, workers=workers, slots=slots,
-                 chunk=chunk, num_cpus=0.25, **kwargs) as feed:
-        for epoch in range(repeats + 1):
-            t0 = time.perf_counter()
-            n = 0
-            for batch in feed.epoch(epoch):
-                _ = float(batch["x"][0, 0])  # touch it, as a training step would
-                n += 1
-            dt = time.perf_counter() - t0
-            assert n == batches
-            if epoch > 0:
-                rates.append(n / dt)
-        s = feed.stats()
-    return {"batches_per_s": statistics.median(rates), "rates": rates,
-            "remote_fraction": s.get("remote_batches", 0) / max(1, s["batches"]),
-            "remote_producers": s.get("remote_producers", 0),
-            "ingest_copy_mean_ms": 1e3 * s.get("ingest_copy_mean_s", 0.0),
-            "stall_fraction": s["stall_fraction"]}
+def timed_epoch(feed, epoch: int, batches: int) -> float:
+    """Batches per second the loop receives over one epoch."""
+    t0 = time.perf_counter()
+    n = 0
+    for batch in feed.epoch(epoch):
+        _ = float(batch["x"][0, 0])  # touch it, as a training step would
+        n += 1
+    assert n == batches
+    return n / (time.perf_counter() - t0)
+
+
+def run_workload(spec, workload, io_s, configs, args):
+    """Every configuration's feed open at once; timed epochs taken round robin, so that the
+    machine's load (shared with whatever else runs) weighs on every configuration alike."""
+    feeds, rates = {}, {name: [] for name, _, _ in configs}
+    try:
+        for name, placement, workers in configs:
+            kwargs = {} if placement == "node" else {"placement": placement}
+            feeds[name] = sf.Feed(spec, fill=make_fill(workload, io_s), length=args.batches, workers=workers,
+                                  slots=args.slots, chunk=args.chunk, num_cpus=0.1, **kwargs)
+            timed_epoch(feeds[name], 0, args.batches)  # warm-up
+        for epoch in range(1, args.repeats + 1):
+            for name, _, _ in configs:
+                rates[name].append(timed_epoch(feeds[name], epoch, args.batches))
+        rows = []
+        for name, _, workers in configs:
+            s = feeds[name].stats()
+            rows.append({"workload": workload, "config": name, "workers": workers,
+                         "batches_per_s": statistics.median(rates[name]), "rates": rates[name],
+                         "remote_fraction": s.get("remote_batches", 0) / max(1, s["batches"]),
+                         "remote_producers": s.get("remote_producers", 0),
+                         "ingest_copy_mean_ms": 1e3 * s.get("ingest_copy_mean_s", 0.0)})
+        return rows
+    finally:
+        for feed in feeds.values():
+            feed.close()
 
 
 def main() -> int:
@@ -99,9 +113,9 @@ def main() -> int:
     ap.add_argument("--mib", type=float, default=4.0, help="batch size in MiB")
     ap.add_argument("--io-ms", type=float, default=40.0, help="simulated I/O per batch in the io workload")
     ap.add_argument("--workloads", default="io,cpu")
-    ap.add_argument("--slots", type=int, default=16,
+    ap.add_argument("--slots", type=int, default=32,
                     help="ring slots (a remote batch is in flight longer: give it room)")
-    ap.add_argument("--chunk", type=int, default=4,
+    ap.add_argument("--chunk", type=int, default=2,
                     help="batches per producer call (a remote call settles all its batches before returning)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args()
@@ -120,16 +134,13 @@ def main() -> int:
         configs = [("local 2", "node", 2), ("local 4", "node", 4),
                    ("local 2 + remote 2", [head, far.node_id], 4), ("remote 2", [far.node_id], 2)]
         for workload in args.workloads.split(","):
-            for name, placement, workers in configs:
-                r = run_config(spec, workload, args.io_ms / 1e3, placement, workers, args.batches,
-                               args.repeats, args.slots, args.chunk)
-                r.update(workload=workload, config=name, workers=workers,
-                         mb_per_s=r["batches_per_s"] * args.mib * MiB / 1e6)
+            for r in run_workload(spec, workload, args.io_ms / 1e3, configs, args):
+                r["mb_per_s"] = r["batches_per_s"] * args.mib * MiB / 1e6
                 results["rows"].append(r)
-                print(f"{workload:4} {name:20} {r['batches_per_s']:7.1f} batches/s {r['mb_per_s']:8.0f} MB/s"
-                      f"  remote {100 * r['remote_fraction']:3.0f}%"
-                      f"  ingest copy {r['ingest_copy_mean_ms']:.2f} ms  "
-                      f"stall {r['stall_fraction']:.2f}", flush=True)
+                print(f"{workload:4} {r['config']:20} {r['batches_per_s']:7.1f} batches/s "
+                      f"{r['mb_per_s']:8.0f} MB/s  remote {100 * r['remote_fraction']:3.0f}%  "
+                      f"ingest copy {r['ingest_copy_mean_ms']:.2f} ms  (epochs: "
+                      + ", ".join(f"{x:.0f}" for x in r["rates"]) + ")", flush=True)
     finally:
         ray.shutdown()
         cluster.shutdown()
