@@ -522,7 +522,8 @@ def nothing_may_start(monkeypatch):
     (dict(fill=fill_source, length=10, prefetch=4, slots=5), InvalidArgument, "prefetch + 2"),
     (dict(fill=fill_source, length=10, num_cpus=-1), InvalidArgument, "num_cpus"),
     (dict(fill=fill_source, length=10, lease=0), InvalidArgument, "lease"),
-    (dict(fill=fill_source, length=10, device="cuda"), InvalidArgument, "cuda"),
+    (dict(fill=fill_source, length=10, device="cuda:4096"), InvalidArgument, "cuda:4096"),  # no such GPU anywhere
+    (dict(fill=fill_source, length=10, device="meta"), InvalidArgument, "CUDA device"),
     (dict(fill=fill_source, length=10, state={"version": 0}), InvalidArgument, "state"),
     (dict(fill=fill_source, length=10, backing="tape"), InvalidArgument, "tape"),
     (dict(fill=fill_source, length=10, worker=2), TypeError, "worker"),
