@@ -147,7 +147,7 @@ def plot(result: dict[str, Any], path: str) -> None:
 
     rows = [r for r in result["rows"] if r["status"] == "ok"]
     w = result["workload"]
-    fig, (ax_t, ax_b) = plt.subplots(1, 2, figsize=(15, 6), gridspec_kw={"width_ratios": [3, 2]})
+    fig, (ax_t, ax_b) = plt.subplots(1, 2, figsize=(15, 7), gridspec_kw={"width_ratios": [3, 2]})
     floor = 1e-6  # log scale: a wait of 0 is drawn at 1 µs
     for r in rows:
         waits = [max(v, floor) for v in r["waits_s"]]
@@ -159,7 +159,7 @@ def plot(result: dict[str, Any], path: str) -> None:
     ax_t.set_xlabel("batch")
     ax_t.set_ylabel("wait for the batch (s, log)")
     ax_t.set_title("training loop's wait, batch by batch")
-    ax_t.legend(fontsize=8)
+    ax_t.legend(fontsize=8, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.1))
     ax_t.grid(True, which="both", alpha=0.3)
 
     labels = [r["label"] for r in rows]

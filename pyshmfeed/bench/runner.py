@@ -15,7 +15,7 @@ import os
 import time
 import traceback
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from .pipelines import Pipeline, RunContext
@@ -140,11 +140,11 @@ def run_bench(w: Workload, pipelines: list[Pipeline], progress: Progress | None 
         else:
             runnable.append(p)
     # Forking pipelines first (no Ray/tf.data threads yet), then the rest without Ray, then Ray's.
-    runnable.sort(key=lambda p: (p.uses_ray, not p.forks))
+    runnable.sort(key=lambda p: (p.uses_ray, p.run_last, not p.forks))
     ray_host = RayHost(w)
     ray_info: dict[str, Any] = {"started_by_bench": False, "start_s": None}
     cold: dict[str, Any] | None = None
-    started = datetime.now(timezone.utc)
+    started = datetime.now(UTC)
     machine_start = machine()
     t_all = time.perf_counter()
     floor = wake_floor(w.step) if w.step > 0 else None
@@ -163,7 +163,7 @@ def run_bench(w: Workload, pipelines: list[Pipeline], progress: Progress | None 
             except ImportError as e:
                 row.status, row.message = "missing", f"cannot import: {e}: {p.install}"
                 progress.end(row.message)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 -- a failing pipeline is a row, the others still run
                 row.status = "error"
                 row.message = f"{type(e).__name__}: {e}"
                 row.extra = {"traceback": traceback.format_exc()}
@@ -177,7 +177,7 @@ def run_bench(w: Workload, pipelines: list[Pipeline], progress: Progress | None 
             try:
                 from .pipelines.shmfeed import cold_start as measure_cold_start
                 cold = measure_cold_start(w)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 -- reported beside the table
                 cold = {"error": f"{type(e).__name__}: {e}"}
     finally:
         ray_host.stop()

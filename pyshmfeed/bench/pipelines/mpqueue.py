@@ -26,7 +26,7 @@ def _produce(batches: mp.Queue, stop, worker: int, num_workers: int, length: int
             if stop.is_set():
                 return
             batches.put(make_batch(index, w))
-    except BaseException:
+    except BaseException:  # noqa: BLE001 -- forwarded to the loop, which raises it
         batches.put((_ERROR, f"producer {worker}: {traceback.format_exc()}"))
     finally:
         batches.put(_DONE)

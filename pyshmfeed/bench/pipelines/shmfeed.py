@@ -40,7 +40,7 @@ class FillSource:
         fill_batch(index, out["x"], out["y"], self.w)
 
 
-def spec_for(w: Workload) -> "sf.BatchSpec":
+def spec_for(w: Workload) -> sf.BatchSpec:
     return sf.BatchSpec(x=(tuple(w.shape), "float32"), y=(tuple(w.label_shape), "float32"))
 
 
@@ -50,7 +50,7 @@ def slots_for(w: Workload) -> int:
     return 2 * w.workers
 
 
-def _feed(w: Workload, length: int, source: dict, num_cpus: float) -> "sf.Feed":
+def _feed(w: Workload, length: int, source: dict, num_cpus: float) -> sf.Feed:
     return sf.Feed(spec_for(w), length=length, workers=w.workers, slots=slots_for(w), seed=w.seed,
                    num_cpus=num_cpus, **source)
 

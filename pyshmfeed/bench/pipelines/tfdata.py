@@ -15,10 +15,10 @@ from contextlib import contextmanager
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before the import: silences start-up chatter
 
-import tensorflow as tf  # noqa: E402
+import tensorflow as tf
 
-from ..workload import Workload, shard_batches  # noqa: E402
-from . import RunContext  # noqa: E402
+from ..workload import Workload, shard_batches
+from . import RunContext
 
 
 def _signature(w: Workload):
