@@ -231,7 +231,8 @@ def test_consumer_cost_per_batch(benchmark, ray_for_bench, kind, nbytes):
                            warmup_rounds=warmup, iterations=1)
     finally:
         source.close()
-    assert len(seen) == rounds + warmup and all(seen), "a batch arrived with the wrong index or size"
+    # (--benchmark-disable runs the take once: count what ran, not what was asked for)
+    assert seen and all(seen), "a batch arrived with the wrong index or size"
 
 
 # ---- epochs timed without their start-up ---------------------------------------------
@@ -244,9 +245,11 @@ class _Epochs:
         self.open_epoch, self.check = open_epoch, check
         self.iterator = self.closer = None
         self.ok: list[bool] = []
+        self.epochs = 0
 
     def setup(self):
         self.close()
+        self.epochs += 1
         self.iterator, self.closer = self.open_epoch()
         self.ok.append(self.check(0, next(self.iterator)))
 
@@ -284,7 +287,9 @@ def test_feed_throughput(benchmark, ray_for_bench, kind):
         benchmark.pedantic(epochs.rest, setup=epochs.setup, rounds=3, iterations=1)
     finally:
         epochs.close()
-    assert len(epochs.ok) == 3 * count and all(epochs.ok)
+    assert len(epochs.ok) == epochs.epochs * count and all(epochs.ok)
+    if benchmark.stats is None:  # --benchmark-disable: nothing was timed
+        return
     best = benchmark.stats.stats.min
     benchmark.extra_info.update(batches_per_s=(count - 1) / best, gb_per_s=(count - 1) * nbytes / best / 1e9)
 
@@ -359,7 +364,7 @@ def test_torch_adapter_overhead(benchmark, ray_for_bench, impl):
         benchmark.pedantic(epochs.rest, setup=epochs.setup, rounds=3, iterations=1)
     finally:
         epochs.close()
-    assert len(epochs.ok) == 3 * ADAPTER_BATCHES and all(epochs.ok)
+    assert len(epochs.ok) == epochs.epochs * ADAPTER_BATCHES and all(epochs.ok)
 
 
 @pytest.mark.timeout(300)
@@ -400,4 +405,4 @@ def test_tfdata_adapter_overhead(benchmark, ray_for_bench, impl):
         benchmark.pedantic(epochs.rest, setup=epochs.setup, rounds=3, iterations=1)
     finally:
         epochs.close()
-    assert len(epochs.ok) == 3 * ADAPTER_BATCHES and all(epochs.ok)
+    assert len(epochs.ok) == epochs.epochs * ADAPTER_BATCHES and all(epochs.ok)
