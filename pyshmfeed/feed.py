@@ -324,9 +324,8 @@ class Feed:
             slot.release()
             raise
         if record:
-            counters = self._ring.counters()
             array_bytes = sum(v.nbytes for v in views)  # the data, not the slot header
-            self._stats.add_batch(time.perf_counter() - t0, array_bytes, counters["commits"] - counters["acquires"])
+            self._stats.add_batch(time.perf_counter() - t0, array_bytes, self._ring.ready_slots())
         batch = Batch(self.spec.names, views, positional=self.spec.positional, index=ident["index"],
                       epoch=ident["epoch"], worker=ident["worker"], meta=meta, seq=slot.seq)
         return slot, batch
@@ -553,15 +552,21 @@ class _Dispatcher(threading.Thread):
         self.slots = [_ProducerSlot(w) for w in range(feed.workers)]
         for p in self.slots:
             self._start_actor(p)
-        # Wait for every producer to attach: start-up errors surface here, in __init__.
-        refs = [p.ready_ref for p in self.slots]
+        # Wait for the first producer to attach, so start-up errors (a source that does not
+        # unpickle, a ring that cannot be attached) surface here, in __init__. The others join
+        # as they come up (_on_started): the first batch need not wait for the slowest start.
+        starting = {p.ready_ref: p for p in self.slots}
+        done, _ = ray.wait(list(starting), num_returns=1, timeout=300)
+        if not done:
+            raise errors.ShmfeedError("no producer started within 300 s; is the Ray cluster out of CPUs? "
+                                      f"(each producer asks for num_cpus={num_cpus})")
+        p = starting[done[0]]
         try:
-            ids = ray.get(refs, timeout=300)
+            ident = ray.get(done[0])
         except Exception as exc:
             raise errors.ShmfeedError(f"producers failed to start: {exc}") from exc
-        for p, ident in zip(self.slots, ids):
-            p.identity, p.ready_ref = ident, None
-            p.pids.append(ident["pid"])
+        p.identity, p.ready_ref = ident, None
+        p.pids.append(ident["pid"])
 
     def _start_actor(self, p: _ProducerSlot) -> None:
         f = self.feed
@@ -640,6 +645,15 @@ class _Dispatcher(threading.Thread):
         self._stopping.set()
         if self.is_alive() and threading.current_thread() is not self:
             self.join(timeout=10)
+        # Producers still starting: learn their pids, so we can make sure they are gone.
+        pending = {p.ready_ref: p for p in self.slots if p.ready_ref is not None}
+        if pending:
+            done, _ = self._ray.wait(list(pending), num_returns=len(pending), timeout=10)
+            for ref in done:
+                try:
+                    pending[ref].pids.append(self._ray.get(ref)["pid"])
+                except Exception:
+                    pass  # it died starting: nothing to wait for
         pids = [pid for p in self.slots for pid in p.pids if pid is not None]  # None: on another node
         for p in self.slots:
             if p.actor is not None:

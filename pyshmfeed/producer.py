@@ -106,8 +106,16 @@ class Producer:
         for seq, index, epoch in tasks:
             ctx = SourceContext(self.worker, self.num_workers, epoch, self.seed)
             try:
-                busy += self._produce(seq, index, ctx,
-                                      lambda layout: write_indexed_batch(self.kind, self.fn, layout, index, ctx))
+                if self.kind == "make":
+                    # Make the batch before claiming its slot: the source's I/O and compute then
+                    # overlap with the consumer still reading the slot, which is held only for the copy.
+                    t0 = time.perf_counter()
+                    batch = self.fn(index, ctx)
+                    busy += time.perf_counter() - t0
+                    busy += self._produce(seq, index, ctx, lambda layout, b=batch: copy_batch_into(layout, b))
+                else:
+                    busy += self._produce(seq, index, ctx, lambda layout: write_indexed_batch(
+                        self.kind, self.fn, layout, index, ctx))
             except errors.RingClosed:
                 return {"done": done, "busy_s": busy, "closed": True}
             except Exception as exc:  # a user function (or its batch) failed
