@@ -18,6 +18,7 @@ import os
 import secrets
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
@@ -78,7 +79,7 @@ class Ring:
         self._ptr = _ptr
         # Threads inside a C wait right now: detach() waits for them (at most one
         # slice) before unmapping, so a wait never reads memory that is gone.
-        self._in_wait = 0
+        self._in_wait: deque[None] = deque()  # one entry per thread inside a C wait
         self._in_wait_lock = threading.Lock()
         geometry = ffi.new("shmfeed_geometry *")
         check(lib.shmfeed_ring_geometry(_ptr, geometry), "reading ring geometry")
@@ -214,6 +215,8 @@ class Ring:
         while True:
             slice_s = WAIT_SLICE if deadline is None else min(WAIT_SLICE, max(deadline - time.monotonic(), 0))
             rc = self._call_waiting(call, max(int(slice_s * 1e9), 1), what)
+            if rc == _OK:  # after a wake every line here is cold: return at once
+                return
             if rc not in (lib.SHMFEED_E_TIMEOUT, lib.SHMFEED_E_AGAIN):
                 self._check_wait(rc, what)
                 return
@@ -223,15 +226,16 @@ class Ring:
                 raise errors.RingClosed(f"{what}: stopped by request", code=CLOSE_NORMAL)
 
     def _call_waiting(self, call: Callable[[int], int], timeout_ns: int, what: str) -> int:
-        with self._in_wait_lock:
+        with self._in_wait_lock:  # atomic with detach()'s swap of _ptr
             if self._ptr is None:
                 raise errors.RingClosed(f"{what}: the ring was detached by this process", code=CLOSE_NORMAL)
-            self._in_wait += 1
+            self._in_wait.append(None)
         try:
             return call(timeout_ns)
         finally:
-            with self._in_wait_lock:
-                self._in_wait -= 1
+            # deque.pop is atomic: no lock on the way out, where every line runs
+            # cold after a wake and adds to the hand-off latency.
+            self._in_wait.pop()
 
     def _check_wait(self, rc: int, what: str) -> None:
         if rc == lib.SHMFEED_E_CLOSED:
