@@ -81,6 +81,7 @@ class Ring:
         # slice) before unmapping, so a wait never reads memory that is gone.
         self._in_wait: deque[None] = deque()  # one entry per thread inside a C wait
         self._in_wait_lock = threading.Lock()
+        self._counters_out = ffi.new("shmfeed_counters *")  # reused by ready_slots()
         geometry = ffi.new("shmfeed_geometry *")
         check(lib.shmfeed_ring_geometry(_ptr, geometry), "reading ring geometry")
         base = ffi.new("uint8_t **")
@@ -339,6 +340,12 @@ class Ring:
         c = ffi.new("shmfeed_counters *")
         check(lib.shmfeed_counters_read(self._live(), c), "reading counters")
         return {name: int(getattr(c, name)) for name, _ in ffi.typeof("shmfeed_counters").fields}
+
+    def ready_slots(self) -> int:
+        """Batches committed and not yet acquired: the ring's occupancy, cheap enough per batch."""
+        c = self._counters_out
+        lib.shmfeed_counters_read(self._live(), c)
+        return int(c.commits - c.acquires)
 
     def slot_info(self, slot: int) -> dict[str, object]:
         """State, sequence, owner, payload length and timestamps of one slot (for inspect)."""
