@@ -123,14 +123,17 @@ def main() -> int:
     elements = int(args.mib * MiB) // 4
     spec = sf.BatchSpec(x=((elements // 1024, 1024), "float32"))
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
-    far = cluster.add_node(num_cpus=2, resources={"far": 100})
     results = {"machine": {"cpus": os.cpu_count(), "load_before": os.getloadavg()},
                "batch_mib": args.mib, "io_ms": args.io_ms, "batches": args.batches, "slots": args.slots,
                "chunk": args.chunk, "rows": []}
     try:
+        # Join while the head is the only node: every node here has this machine's address, and a
+        # driver may attach to any of them (then "far" could be the consumer's own node).
         ray.init(address=cluster.address, logging_level="warning", log_to_driver=False)
+        far = cluster.add_node(num_cpus=2, resources={"far": 100})
         cluster.wait_for_nodes()
         head = ray.get_runtime_context().get_node_id()
+        assert head == cluster.head_node.node_id != far.node_id, "the driver is not on the head node"
         configs = [("local 2", "node", 2), ("local 4", "node", 4),
                    ("local 2 + remote 2", [head, far.node_id], 4), ("remote 2", [far.node_id], 2)]
         for workload in args.workloads.split(","):

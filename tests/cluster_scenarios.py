@@ -14,6 +14,7 @@ checks contents, not just indices.
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import shutil
@@ -92,8 +93,10 @@ class Watchdog:
 
     def _fire(self):
         feed, d = self.feed, self.feed._dispatcher
-        with d._lock:
+        locked = d._lock.acquire(timeout=5)  # a dispatcher stuck holding it is worth knowing too
+        try:
             self.report = {
+                "dispatcher_lock_taken": locked,
                 "counters": feed._ring.counters(),
                 "slots": [feed._ring.slot_info(i) for i in range(feed._ring.slots)],
                 "pending": [t[0] for t in d._pending][:50],
@@ -101,6 +104,9 @@ class Watchdog:
                              for p in d.slots},
                 "identities": {p.worker: p.identity for p in d.slots},
             }
+        finally:
+            if locked:
+                d._lock.release()
         feed._ring.close(f"watchdog: the scenario ran past {self.limit_s} s")
 
 
@@ -190,18 +196,40 @@ def node_removed(cluster, nodes):
 SCENARIOS = {f.__name__: f for f in (remote_ordered, mixed_unordered, ingest_killed, node_removed)}
 
 
+def join_then_add_far_node(cluster, **node_args):
+    """Connect this driver to the head node, then add the far node.
+
+    Every node of a simulated cluster has this machine's address, and a driver
+    that connects when several do may attach to any of them: it must attach
+    while the head is the only one, or "far" may turn out to be the consumer's.
+    """
+    ray.init(address=cluster.address, logging_level="warning", log_to_driver=False)
+    far = cluster.add_node(**node_args)
+    cluster.wait_for_nodes()
+    here = ray.get_runtime_context().get_node_id()
+    if here != cluster.head_node.node_id or here == far.node_id:
+        raise RuntimeError(f"the driver attached to node {here}, not to the head {cluster.head_node.node_id}")
+    return far
+
+
+def progress(t0: float, message: str) -> None:
+    print(f"[cluster_scenarios {time.perf_counter() - t0:6.1f} s] {message}", file=sys.stderr, flush=True)
+
+
 def main(names: list[str]) -> dict:
     t0 = time.perf_counter()
+    # A hang outside a scenario's watchdog (start-up, shutdown) still says where it was.
+    faulthandler.dump_traceback_later(float(os.environ.get("PYSHMFEED_SCENARIOS_DUMP_S", 200)), exit=False)
+    progress(t0, "starting the cluster")
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "resources": {"consumer": 100}, "include_dashboard": False})
-    far = cluster.add_node(num_cpus=2, resources={FAR: 100})
     results: dict = {}
     try:
-        ray.init(address=cluster.address, logging_level="warning", log_to_driver=False)
-        cluster.wait_for_nodes()
+        far = join_then_add_far_node(cluster, num_cpus=2, resources={FAR: 100})
         nodes = {"head": ray.get_runtime_context().get_node_id(), "far": far.node_id, "far_node": far}
         results["_startup_s"] = time.perf_counter() - t0
         for name in names:
+            progress(t0, f"scenario {name}")
             t = time.perf_counter()
             WATCHDOG.report = None
             try:
@@ -213,11 +241,14 @@ def main(names: list[str]) -> dict:
             finally:
                 WATCHDOG.cancel()
             results[name]["wall_s"] = time.perf_counter() - t
+        progress(t0, "shutting down")
     finally:
         ray.shutdown()
         cluster.shutdown()
         if _OWN_TMPDIR:
             shutil.rmtree(os.environ["RAY_TMPDIR"], ignore_errors=True)
+    faulthandler.cancel_dump_traceback_later()
+    progress(t0, "done")
     return results
 
 
