@@ -67,13 +67,11 @@ import ray
 from . import errors
 from .producer import Producer, _error_record
 from .ring import Ring, RingHandle, new_owner_token
-from .spec import _FIXED_HEADER
 import contextlib
 
 PLACEMENTS = ("node", "cluster")
 REMOTE_WINDOW = 3  # writes a remote producer may have in flight (its object-store footprint, in batches)
 _CONTROL = "control"  # the ingest's concurrency group for calls that must not queue behind blocked writes
-_SEQ_OFFSET = _FIXED_HEADER.fields["seq"][1]
 _INGEST_START_S = 120.0
 _FENCE_S = 60.0
 
@@ -261,14 +259,13 @@ class Ingest:
                 self._cond.notify_all()
 
     def _write(self, token: int, seq: int, payload: np.ndarray) -> str:
+        # The slot header inside the payload is the consumer's to check (SlotLayout.read, against
+        # the spec and the ring's seq), as for a batch written in place; here only the length.
         n = payload.nbytes
-        if n > self.ring.slot_bytes or n < _SEQ_OFFSET + 8:
+        if n > self.ring.slot_bytes:
             raise errors.PayloadTooLarge(f"batch {seq}: a payload of {n} bytes does not fit a slot of "
                                          f"{self.ring.slot_bytes} bytes (producer and ring disagree on the "
                                          "spec)")
-        header_seq = int(payload[_SEQ_OFFSET:_SEQ_OFFSET + 8].view("<u8")[0])
-        if header_seq != seq:
-            raise errors.CorruptSegment(f"batch {seq}: its slot header says seq {header_seq}")
         try:
             slot = self.ring.claim(seq, stop=lambda: token in self._fenced)
         except errors.StaleClaim:
