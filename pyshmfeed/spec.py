@@ -22,6 +22,7 @@ the metadata length are checked against this spec before a view is built.
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -33,10 +34,14 @@ from .errors import CorruptSegment, InvalidArgument, SpecMismatch
 MAX_DIMS = 8
 META_BYTES = 256
 SLOT_MAGIC = 0x53464231  # "SFB1"
+# magic, array count, batch index, epoch, ring sequence, worker, metadata length: 40 bytes.
+# The struct is the fast path; the equal numpy dtype gives tools and tests named fields.
+_HEADER = struct.Struct("<IIqqQiI")
 _FIXED_HEADER = np.dtype([
     ("magic", "<u4"), ("narrays", "<u4"), ("index", "<i8"), ("epoch", "<i8"), ("seq", "<u8"),
     ("worker", "<i4"), ("meta_len", "<u4"),
-])  # 40 bytes
+])
+assert _FIXED_HEADER.itemsize == _HEADER.size
 
 
 def _align(n: int, a: int) -> int:
@@ -92,8 +97,8 @@ class BatchSpec:
         self.names: tuple[str, ...] = tuple(a.name for a in specs)
         self._by_name = {a.name: i for i, a in enumerate(specs)}
         # Layout: header, then each array aligned.
-        self.header_bytes = _align(_FIXED_HEADER.itemsize + len(specs) * MAX_DIMS * 8 + META_BYTES, 64)
-        self._shapes_offset = _FIXED_HEADER.itemsize
+        self.header_bytes = _align(_HEADER.size + len(specs) * MAX_DIMS * 8 + META_BYTES, 64)
+        self._shapes_offset = _HEADER.size
         self._meta_offset = self._shapes_offset + len(specs) * MAX_DIMS * 8
         offsets = []
         pos = self.header_bytes
@@ -186,7 +191,9 @@ class SlotLayout:
 
     A producer writes through ``writer_arrays`` (writable, maximum shape) and
     records the actual shapes with ``write_header``; a consumer reads the
-    header with ``read`` and gets views in the actual shapes.
+    header with ``read`` and gets views in the actual shapes. Header fields go
+    through ``struct`` on a memoryview: per batch this is the consumer's whole
+    Python cost, so it is kept to a few microseconds.
     """
 
     def __init__(self, spec: BatchSpec, buffer: Any, slot_bytes: int) -> None:
@@ -195,13 +202,21 @@ class SlotLayout:
                                   f"{slot_bytes}")
         self.spec = spec
         self.raw = np.frombuffer(buffer, dtype=np.uint8, count=slot_bytes)
-        self.header = self.raw[: _FIXED_HEADER.itemsize].view(_FIXED_HEADER)[0:1]
+        self.mem = memoryview(self.raw)
         n = len(spec.arrays)
-        self.shapes = self.raw[spec._shapes_offset: spec._shapes_offset + n * MAX_DIMS * 8].view("<i8")
-        self.shapes = self.shapes.reshape(n, MAX_DIMS)
-        self.meta = self.raw[spec._meta_offset: spec._meta_offset + META_BYTES]
+        self._shapes_struct = struct.Struct(f"<{n * MAX_DIMS}q")
+        self._max_shapes = [a.shape for a in spec.arrays]
+        self._max_row = tuple(d for a in spec.arrays for d in a.shape + (0,) * (MAX_DIMS - len(a.shape)))
         self.full = [self.raw[off: off + a.nbytes].view(a.dtype).reshape(a.shape)
                      for a, off in zip(spec.arrays, spec.offsets)]
+        self._full_readonly = [v.view() for v in self.full]
+        for v in self._full_readonly:
+            v.flags.writeable = False
+        self._full_end = spec.offsets[-1] + spec.arrays[-1].nbytes
+        # Named views of the header, for tools and tests (the hot path uses struct).
+        self.header = self.raw[: _HEADER.size].view(_FIXED_HEADER)[0:1]
+        self.shapes = self.raw[spec._shapes_offset: spec._shapes_offset + n * MAX_DIMS * 8].view("<i8") \
+            .reshape(n, MAX_DIMS)
 
     # ---- producer -----------------------------------------------------------
 
@@ -219,25 +234,24 @@ class SlotLayout:
     def write_header(self, *, index: int, epoch: int, seq: int, worker: int,
                      shapes: list[tuple[int, ...]], meta: bytes = b"") -> int:
         """Record the batch's identity and actual shapes; returns the payload length to commit."""
+        spec = self.spec
         if len(meta) > META_BYTES:
             raise SpecMismatch(f"batch metadata is {len(meta)} bytes; at most {META_BYTES} fit in a slot")
-        h = self.header
-        h["magic"] = SLOT_MAGIC
-        h["narrays"] = len(shapes)
-        h["index"] = index
-        h["epoch"] = epoch
-        h["seq"] = seq
-        h["worker"] = worker
-        h["meta_len"] = len(meta)
-        end = self.spec.header_bytes
-        for i, shape in enumerate(shapes):
-            row = self.shapes[i]
-            row[: len(shape)] = shape
-            row[len(shape):] = 0
-            a = self.spec.arrays[i]
-            end = self.spec.offsets[i] + math.prod(shape) * a.dtype.itemsize
+        _HEADER.pack_into(self.mem, 0, SLOT_MAGIC, len(shapes), index, epoch, seq, worker, len(meta))
+        shapes = [tuple(s) for s in shapes]
+        if shapes == self._max_shapes:
+            self._shapes_struct.pack_into(self.mem, spec._shapes_offset, *self._max_row)
+            end = self._full_end
+        else:
+            row = []
+            for shape in shapes:
+                row.extend(shape)
+                row.extend((0,) * (MAX_DIMS - len(shape)))
+            self._shapes_struct.pack_into(self.mem, spec._shapes_offset, *row)
+            last = len(spec.arrays) - 1
+            end = spec.offsets[last] + math.prod(shapes[last]) * spec.arrays[last].dtype.itemsize
         if meta:
-            self.meta[: len(meta)] = np.frombuffer(meta, dtype=np.uint8)
+            self.mem[spec._meta_offset: spec._meta_offset + len(meta)] = meta
         return end
 
     # ---- consumer -----------------------------------------------------------
@@ -246,36 +260,37 @@ class SlotLayout:
         """Identity, read-only array views in their actual shapes, and metadata.
 
         Validates everything against the spec: a header written by a buggy or
-        hostile producer raises ``CorruptSegment``, never a bad view.
+        hostile producer raises ``CorruptSegment``, never a bad view. Fields are
+        unpacked once, so the checks and the views use the same numbers.
         """
         spec = self.spec
-        h = self.header[0]
-        if int(h["magic"]) != SLOT_MAGIC or int(h["narrays"]) != len(spec.arrays):
-            raise CorruptSegment(f"slot header: magic {int(h['magic']):#x}, {int(h['narrays'])} arrays; "
-                                 f"expected {SLOT_MAGIC:#x} and {len(spec.arrays)} (producer and consumer "
-                                 "disagree on the spec, or the slot was overwritten)")
-        meta_len = int(h["meta_len"])
+        magic, narrays, index, epoch, seq, worker, meta_len = _HEADER.unpack_from(self.mem, 0)
+        if magic != SLOT_MAGIC or narrays != len(spec.arrays):
+            raise CorruptSegment(f"slot header: magic {magic:#x}, {narrays} arrays; expected {SLOT_MAGIC:#x} "
+                                 f"and {len(spec.arrays)} (producer and consumer disagree on the spec, or the "
+                                 "slot was overwritten)")
         if meta_len > META_BYTES:
             raise CorruptSegment(f"slot header: metadata length {meta_len} > {META_BYTES}")
-        views = []
-        shapes = self.shapes.copy()  # one snapshot: the checks and the views use the same numbers
-        for i, a in enumerate(spec.arrays):
-            nd = len(a.shape)
-            shape = tuple(int(d) for d in shapes[i, :nd])
-            if any(d < 0 or d > m for d, m in zip(shape, a.shape)):
-                raise CorruptSegment(f"slot header: array {a.name!r} has shape {shape}, outside the spec's "
-                                     f"maximum {a.shape}")
-            end = spec.offsets[i] + math.prod(shape) * a.dtype.itemsize
-            if end > nbytes:
-                raise CorruptSegment(f"slot header: array {a.name!r} ends at byte {end}, past the "
-                                     f"{nbytes}-byte payload")
-            v = self.full[i] if shape == a.shape else self.shaped(i, shape)
-            v = v.view()
-            v.flags.writeable = False
-            views.append(v)
-        ident = {"index": int(h["index"]), "epoch": int(h["epoch"]), "seq": int(h["seq"]),
-                 "worker": int(h["worker"])}
-        return ident, views, bytes(self.meta[:meta_len]) if meta_len else b""
+        row = self._shapes_struct.unpack_from(self.mem, spec._shapes_offset)
+        if row == self._max_row and nbytes >= self._full_end:  # the common case: full batch
+            views = [v.view() for v in self._full_readonly]
+        else:
+            views = []
+            for i, a in enumerate(spec.arrays):
+                shape = row[i * MAX_DIMS: i * MAX_DIMS + len(a.shape)]
+                if any(d < 0 or d > m for d, m in zip(shape, a.shape)):
+                    raise CorruptSegment(f"slot header: array {a.name!r} has shape {shape}, outside the "
+                                         f"spec's maximum {a.shape}")
+                end = spec.offsets[i] + math.prod(shape) * a.dtype.itemsize
+                if end > nbytes:
+                    raise CorruptSegment(f"slot header: array {a.name!r} ends at byte {end}, past the "
+                                         f"{nbytes}-byte payload")
+                v = self.shaped(i, shape)
+                v.flags.writeable = False
+                views.append(v)
+        ident = {"index": index, "epoch": epoch, "seq": seq, "worker": worker}
+        meta = bytes(self.mem[spec._meta_offset: spec._meta_offset + meta_len]) if meta_len else b""
+        return ident, views, meta
 
 
 class Batch(Mapping):
