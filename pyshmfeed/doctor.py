@@ -143,7 +143,8 @@ def check_memlock() -> Verdict:
     soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
     if soft == resource.RLIM_INFINITY:
         return Verdict("memlock", "ok", "locked-memory limit: unlimited (the ring can be page-locked for GPU DMA)")
-    detail = f"locked-memory limit {_size(soft)} (hard {_size(hard) if hard != resource.RLIM_INFINITY else 'unlimited'})"
+    hard_text = _size(hard) if hard != resource.RLIM_INFINITY else "unlimited"
+    detail = f"locked-memory limit {_size(soft)} (hard {hard_text})"
     if os.geteuid() == 0:
         return Verdict("memlock", "ok", detail + "; running as root, which may lock more (CAP_IPC_LOCK)")
     return Verdict("memlock", "warn", detail,
@@ -217,7 +218,8 @@ def check_leftovers() -> Verdict:
     if not (n_seg or n_rec or n_orph):
         return Verdict("leftovers", "ok", "nothing left by crashed pyshmfeed processes")
     size = sum(os.path.getsize(p) for p, _ in found.segments if os.path.exists(p))
-    return Verdict("leftovers", "warn" if n_seg or n_orph else "info", f"{n_seg} named segment(s) ({_size(size)}), {n_rec} registry record(s), "
+    return Verdict("leftovers", "warn" if n_seg or n_orph else "info",
+                   f"{n_seg} named segment(s) ({_size(size)}), {n_rec} registry record(s), "
                    f"{n_orph} orphaned producer(s) of dead processes", "run `pyshmfeed cleanup`")
 
 

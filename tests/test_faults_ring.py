@@ -434,7 +434,9 @@ def one_cycle(i: int) -> None:
 
 
 def test_a_thousand_create_close_cycles_leak_no_segment_fd_or_memory():
-    mine = lambda: {e["dir"] for e in registry.rings() if e["ring"] and e["ring"]["pid"] == os.getpid()}
+    def mine():
+        return {e["dir"] for e in registry.rings() if e["ring"] and e["ring"]["pid"] == os.getpid()}
+
     registry_before = mine()
     for i in range(50):  # warm up allocators and caches before measuring
         one_cycle(i)
