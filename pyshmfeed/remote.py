@@ -3,10 +3,11 @@
 NOTE [remote producers]
   where    ``Feed(..., placement=...)``: ``"node"`` (default) pins every
            producer to the consumer's node; ``"cluster"`` lets Ray place
-           them anywhere (``SPREAD``); a list of node ids places producer
-           ``w`` on ``nodes[w % len(nodes)]`` (soft: a replacement for a
-           producer whose node is gone starts elsewhere). The ring never
-           moves: it is memory on the consumer's node.
+           them anywhere (``SPREAD``); a list of node ids pins producer
+           ``w`` to ``nodes[w % len(nodes)]`` while that node is alive (a
+           replacement for a producer whose node is gone starts wherever Ray
+           can place it). The ring never moves: it is memory on the
+           consumer's node.
   local    A ``ClusterProducer`` that lands on the ring's node is a plain
            ``Producer``: it maps the ring and writes into slots (zero copy).
   remote   One on another node cannot map the ring (its handle is a path on
@@ -346,8 +347,11 @@ class ClusterPlacement:
                 options["scheduling_strategy"] = "SPREAD"
             else:
                 nodes = self.placement
+                # Pinned while its node is alive; once the node is gone, the replacement starts
+                # wherever Ray can place it (a soft affinity to a dead node).
                 node = nodes[p.worker % len(nodes)]
-                options["scheduling_strategy"] = self._affinity(node_id=node, soft=True)
+                alive = any(n["NodeID"] == node and n["Alive"] for n in ray.nodes())
+                options["scheduling_strategy"] = self._affinity(node_id=node, soft=not alive)
         return self._producer_cls.options(**options).remote(
             self.ring.handle, f.spec, f.kind, f._fn, p.worker, f.workers, f.seed, os.getpid(), self.node,
             self.ingest, self.window)

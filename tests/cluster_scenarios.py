@@ -177,10 +177,11 @@ def node_removed(cluster, nodes):
     with sf.Feed(SPEC, fill=make_fill(0.01), length=length, workers=2, placement=[nodes["far"]],
                  chunk=2) as feed:
         WATCHDOG.watch(feed)
-        before = _stats(feed)
+        before = {}
 
         def remove(k):
             if k == 30:
+                before.update(_stats(feed))  # where the producers are when their node goes
                 cluster.remove_node(nodes["far_node"])
 
         t0 = time.perf_counter()
