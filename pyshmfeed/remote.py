@@ -370,7 +370,7 @@ class ClusterPlacement:
 
     def _replace_ingest(self) -> None:
         """Kill the ingest, wait for its process, reclaim its claims in the ring, start another."""
-        from .feed import _wait_dead
+        from .dispatch import wait_dead
 
         ident = self.ingest_identity or {}
         # If it died with its counters, the totals miss what it did since the last stats().
@@ -378,7 +378,7 @@ class ClusterPlacement:
             self._past.update(ray.get(self.ingest.stats.remote(), timeout=1))
         with contextlib.suppress(Exception):
             ray.kill(self.ingest, no_restart=True)
-        _wait_dead(ident.get("pid"))
+        wait_dead(ident.get("pid"))
         if "owner" in ident:
             self.ring.reclaim(ident["owner"])
         self.ingest_restarts += 1
@@ -403,7 +403,7 @@ class ClusterPlacement:
 
     def stop(self) -> None:
         """After the producers are gone: keep the final stats, kill the ingest, wait for its process."""
-        from .feed import _wait_dead
+        from .dispatch import wait_dead
 
         if self.ingest is None:
             return
@@ -414,4 +414,4 @@ class ClusterPlacement:
         with contextlib.suppress(Exception):
             ray.kill(self.ingest, no_restart=True)
         self.ingest = None
-        _wait_dead((self.ingest_identity or {}).get("pid"))
+        wait_dead((self.ingest_identity or {}).get("pid"))
