@@ -14,7 +14,7 @@ try:
 except ImportError as exc:  # pragma: no cover - only on a broken install
     raise ImportError(
         "pyshmfeed's compiled core (_shmfeed_cffi) is missing: install the package with "
-        "`pip install .` (or `make test`), which builds it with CMake."
+        "`pip install .` (or `./run test`), which builds it with CMake."
     ) from exc
 
 _EXCEPTIONS: dict[int, type[errors.ShmfeedError]] = {
