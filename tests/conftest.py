@@ -9,6 +9,7 @@ set up before it and so are never counted as a test's leak.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import time
@@ -141,3 +142,28 @@ def ray_session():
         yield ray
     finally:
         ray.shutdown()
+
+
+# ---- child processes for the multi-process ring tests ----------------------------
+
+FORKSERVER = multiprocessing.get_context("forkserver")
+FORKSERVER.set_forkserver_preload(["numpy", "pyshmfeed"])
+
+
+@pytest.fixture
+def start():
+    """Start a forkserver child running ``target(*args)``; whatever a failed test leaves
+    running is killed after it (a killed child can hold no claim the next test sees)."""
+    started = []
+
+    def start_process(target, *args):
+        p = FORKSERVER.Process(target=target, args=args)
+        p.start()
+        started.append(p)
+        return p
+
+    yield start_process
+    for p in started:
+        if p.is_alive():
+            p.kill()
+        p.join(10)

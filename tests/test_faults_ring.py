@@ -162,22 +162,7 @@ def consumer_main(conn, die_at: str, after: int) -> None:
             n += 1
 
 
-@pytest.fixture
-def start():
-    """Start processes; whatever a failed test leaves running is killed after it."""
-    started = []
-
-    def start_process(target, *args):
-        p = _CTX.Process(target=target, args=args)
-        p.start()
-        started.append(p)
-        return p
-
-    yield start_process
-    for p in started:
-        if p.is_alive():
-            p.kill()
-        p.join(10)
+# `start` (conftest.py) starts child processes and kills leftovers after each test.
 
 
 def committed_or_delivered(ring: Ring, delivered: set[int]) -> set[int]:

@@ -59,22 +59,7 @@ def producer(handle: RingHandle, seqs: list[int]) -> None:
             write_batch(ring.claim(seq, timeout=60), seq)
 
 
-@pytest.fixture
-def start():
-    """Start a producer process; whatever a failed test leaves running is terminated after it."""
-    started = []
-
-    def start_process(target, *args):
-        p = _CTX.Process(target=target, args=args)
-        p.start()
-        started.append(p)
-        return p
-
-    yield start_process
-    for p in started:
-        if p.is_alive():
-            p.terminate()
-        p.join(10)
+# `start` (conftest.py) starts child processes and kills leftovers after each test.
 
 
 def consume_all(ring: Ring, count: int, producers) -> list[int]:
