@@ -527,8 +527,9 @@ class QueueConsumerCost(_QueueWorkload):
         return {}
 
 
-class QueueStream(_QueueWorkload):
-    """Reference for RingStream: the producer np.copyto's each batch, then puts it."""
+class _StreamOf:
+    """A throughput step over a reference workload: the producer fills ``batches`` batches
+    (np.copyto of a full payload each) and the consumer takes them all."""
 
     def __init__(self, slot_bytes: int, batches: int) -> None:
         super().__init__(slot_bytes, fill=True)
@@ -545,6 +546,10 @@ class QueueStream(_QueueWorkload):
 
     def check(self) -> dict:
         return {"batches_per_step": self.batches}
+
+
+class QueueStream(_StreamOf, _QueueWorkload):
+    """Reference for RingStream: the producer np.copyto's each batch, then puts it."""
 
 
 class _ShmWorkload:
@@ -598,24 +603,8 @@ class ShmConsumerCost(_ShmWorkload):
         return {}
 
 
-class ShmStream(_ShmWorkload):
+class ShmStream(_StreamOf, _ShmWorkload):
     """Reference for RingStream: the producer np.copyto's into a free block, then queues its name."""
-
-    def __init__(self, slot_bytes: int, batches: int) -> None:
-        super().__init__(slot_bytes, fill=True)
-        self.batches = batches
-
-    def prepare(self) -> None:
-        pass
-
-    def step(self) -> None:
-        self.producer.send("fill", self.batches)
-        for _ in range(self.batches):
-            self.consume_one()
-        self.producer.expect("done")
-
-    def check(self) -> dict:
-        return {"batches_per_step": self.batches}
 
 
 class CopyBaseline:
