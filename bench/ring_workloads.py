@@ -368,8 +368,9 @@ class RingConsumerCost(_RingWorkload):
         return {"acquires": self.steps, "acquires_that_waited": waits}
 
 
-class RingStream(_RingWorkload):
-    """Throughput: the producer np.copyto's a full slot per batch; ``step`` moves ``batches`` of them."""
+class _StreamOf:
+    """A throughput step (ring or reference workload): the producer fills ``batches`` batches
+    (np.copyto of a full payload each) and the consumer takes them all."""
 
     def __init__(self, slot_bytes: int, batches: int) -> None:
         super().__init__(slot_bytes, fill=True)
@@ -386,6 +387,10 @@ class RingStream(_RingWorkload):
 
     def check(self) -> dict:
         return {"batches_per_step": self.batches}
+
+
+class RingStream(_StreamOf, _RingWorkload):
+    """Throughput: the producer np.copyto's a full slot per batch; ``step`` moves ``batches`` of them."""
 
 
 class RingWakeLatency(_RingWorkload):
@@ -525,27 +530,6 @@ class QueueConsumerCost(_QueueWorkload):
 
     def check(self) -> dict:
         return {}
-
-
-class _StreamOf:
-    """A throughput step over a reference workload: the producer fills ``batches`` batches
-    (np.copyto of a full payload each) and the consumer takes them all."""
-
-    def __init__(self, slot_bytes: int, batches: int) -> None:
-        super().__init__(slot_bytes, fill=True)
-        self.batches = batches
-
-    def prepare(self) -> None:
-        pass
-
-    def step(self) -> None:
-        self.producer.send("fill", self.batches)
-        for _ in range(self.batches):
-            self.consume_one()
-        self.producer.expect("done")
-
-    def check(self) -> dict:
-        return {"batches_per_step": self.batches}
 
 
 class QueueStream(_StreamOf, _QueueWorkload):
