@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 
 from . import errors, registry
-from ._ffi import ERR_BYTES, check, error_for, ffi, lib
+from ._ffi import ERR_BYTES, check, ffi, lib
 
 # Why a ring was closed (the code stored in the segment beside the message).
 CLOSE_NORMAL = 1
@@ -535,5 +535,5 @@ def process_alive(pid: int) -> bool:
 
 __all__ = [
     "Ring", "RingHandle", "ProducerSlot", "ConsumerSlot", "new_owner_token", "process_alive",
-    "CLOSE_NORMAL", "CLOSE_PRODUCER_ERROR", "CLOSE_CONSUMER_GONE", "CLOSE_FAILED", "error_for",
+    "CLOSE_NORMAL", "CLOSE_PRODUCER_ERROR", "CLOSE_CONSUMER_GONE", "CLOSE_FAILED",
 ]
