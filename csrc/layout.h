@@ -6,9 +6,13 @@
  *                       │   magic, layout version, geometry,         │
  *                       │   creator identity, closed flag + message  │
  *   offset 4096         ├────────────────────────────────────────────┤
- *                       │ counters page: one cache line per writer   │
- *                       │   producers | consumer | commit events |   │
- *                       │   release events                           │
+ *                       │ control page                               │
+ *                       │   counters: one cache line per writer      │
+ *                       │     producers | consumer | commit events | │
+ *                       │     release events                         │
+ *                       │   work area (work.c): task counter, posted │
+ *                       │     event, two job descriptors, re-issue   │
+ *                       │     queue, one record per producer         │
  *   offset 8192         ├────────────────────────────────────────────┤
  *                       │ slot descriptors, 64 B each (own line):    │
  *                       │   word (gen|seq|state), owner, batch seq,  │
@@ -42,7 +46,7 @@
 #include "atomics.h"
 
 #define SHMFEED_MAGIC 0x314445454648534dULL /* "MSHFEED1" little-endian */
-#define SHMFEED_LAYOUT_VERSION 1u
+#define SHMFEED_LAYOUT_VERSION 2u /* 2: the work area */
 #define SHMFEED_PAGE 4096u
 #define SHMFEED_CACHE_LINE 64u
 #define SHMFEED_HEADER_BYTES 4096u
@@ -51,6 +55,9 @@
 #define SHMFEED_CLOSE_MSG_BYTES 2048u
 #define SHMFEED_MAX_SLOTS 65536u
 #define SHMFEED_MAX_SLOT_BYTES (1ULL << 40) /* 1 TiB: far past any real batch */
+#define SHMFEED_WORK_OFFSET (SHMFEED_COUNTERS_OFFSET + 256u)
+#define SHMFEED_MAX_PRODUCERS 32u  /* producer records in the work area */
+#define SHMFEED_REISSUE_CAP 64u    /* each dead producer re-issues at most one task */
 
 #define WORD_STATE_BITS 2u
 #define WORD_SEQ_BITS 46u
@@ -138,6 +145,53 @@ typedef struct shm_slot_desc {
     uint32_t reserved;
 } shm_slot_desc;
 
+/* ---- the work area: NOTE [work hand-out] in work.c ---------------------- */
+
+/* The task word packs the job generation (low bits, so a futex on the low
+ * half sees a new job) and the next task number of that job. */
+#define TASK_GEN_BITS 20u
+#define TASK_GEN_MASK ((1ULL << TASK_GEN_BITS) - 1ULL)
+static inline uint64_t task_make(uint64_t gen, uint64_t k) { return (k << TASK_GEN_BITS) | (gen & TASK_GEN_MASK); }
+static inline uint64_t task_gen(uint64_t w) { return w & TASK_GEN_MASK; }
+static inline uint64_t task_k(uint64_t w) { return w >> TASK_GEN_BITS; }
+
+/* A job: tasks k = 0 .. count-1 are batches base_seq + k. Written by the
+ * feed into jobs[gen & 1] while that generation is not yet published; read
+ * by producers only for the generation they CAS against (see take()). */
+typedef struct shm_job {
+    atomic_u64 epoch;
+    atomic_u64 base_seq;
+    atomic_u64 count;
+    atomic_u64 start;        /* passed through to producers (their index mapping) */
+    atomic_u64 flags;        /* SHMFEED_JOB_* */
+    uint64_t reserved[3];
+} shm_job;
+
+/* One per producer position (worker). The feed resets it before it starts
+ * a producer there; the producer writes the rest. */
+typedef struct shm_record {
+    atomic_u64 owner;        /* the producer's owner token; 0: unused */
+    atomic_u64 task;         /* seq + 1 of the task it holds; 0: none */
+    atomic_u64 intent;       /* non-zero while a take is in progress */
+    atomic_u64 since_ns;     /* when it took the task it holds (leases) */
+    atomic_u64 busy_ns;      /* statistics, written by the producer only */
+    atomic_u64 batches;
+    atomic_u32 pid;
+    uint32_t reserved0;
+    uint64_t reserved1;
+} shm_record;
+
+typedef struct shm_work {
+    atomic_u64 next;                         /* line 0: task_make(gen, next k) */
+    uint64_t reserved0[7];
+    shm_event posted;                        /* line 1: a job posted, a task re-issued */
+    shm_job jobs[2];                         /* lines 2-3 */
+    atomic_u32 reissued;                     /* line 4: entries in the queue (a hint) */
+    uint32_t reserved1[15];
+    atomic_u64 queue[SHMFEED_REISSUE_CAP];   /* seq + 1 of a re-issued task; 0: empty */
+    shm_record records[SHMFEED_MAX_PRODUCERS];
+} shm_work;
+
 static_assert(sizeof(shm_header) == SHMFEED_HEADER_BYTES, "header must fill exactly one page");
 static_assert(offsetof(shm_header, closed) == 88, "close flag offset is part of the layout");
 static_assert(offsetof(shm_header, close_msg) == 96, "close message offset is part of the layout");
@@ -145,6 +199,11 @@ static_assert(sizeof(shm_producer_counters) == SHMFEED_CACHE_LINE, "producer cou
 static_assert(sizeof(shm_consumer_counters) == SHMFEED_CACHE_LINE, "consumer counters: one cache line");
 static_assert(sizeof(shm_event) == SHMFEED_CACHE_LINE, "event: one cache line");
 static_assert(sizeof(shm_counters) <= SHMFEED_DESC_OFFSET - SHMFEED_COUNTERS_OFFSET, "counters fit their page");
+static_assert(sizeof(shm_counters) <= SHMFEED_WORK_OFFSET - SHMFEED_COUNTERS_OFFSET, "work area after counters");
+static_assert(sizeof(shm_job) == SHMFEED_CACHE_LINE, "job descriptor: one cache line");
+static_assert(sizeof(shm_record) == SHMFEED_CACHE_LINE, "producer record: one cache line");
+static_assert(SHMFEED_WORK_OFFSET + sizeof(shm_work) <= SHMFEED_DESC_OFFSET, "the work area fits the control page");
+static_assert(SHMFEED_REISSUE_CAP >= SHMFEED_MAX_PRODUCERS, "every producer's task fits the re-issue queue");
 static_assert(sizeof(shm_slot_desc) == SHMFEED_CACHE_LINE, "descriptor: one cache line, no false sharing");
 static_assert(offsetof(shm_slot_desc, word) == 0, "futex waits use the low half of the first word");
 static_assert(SHMFEED_DESC_OFFSET % SHMFEED_PAGE == 0, "descriptors start on a page");

@@ -35,25 +35,17 @@
 
 #define SEQ_HALF (1ULL << (WORD_SEQ_BITS - 1))
 
-static int is_closed(const shmfeed_ring *r) { return load_acquire32(&ring_header(r)->closed) != 0; }
+int is_closed(const shmfeed_ring *r) { return load_acquire32(&ring_header(r)->closed) != 0; }
 static int ordered(const shmfeed_ring *r) { return (r->flags & SHMFEED_ORDERED) != 0; }
 
 /* a is after b in the 46-bit sequence space (wrap-safe). */
-static int seq_after(uint64_t a, uint64_t b)
+int seq_after(uint64_t a, uint64_t b)
 {
     uint64_t d = (a - b) & WORD_SEQ_MASK;
     return d != 0 && d < SEQ_HALF;
 }
 
-/* Deadline for a timeout: 0 means none (wait forever, slice by slice). */
-typedef struct wait_clock {
-    int64_t timeout_ns;
-    uint64_t start_ns;
-    uint64_t deadline_ns;
-    int waited;
-} wait_clock;
-
-static void clock_begin(wait_clock *c, int64_t timeout_ns)
+void clock_begin(wait_clock *c, int64_t timeout_ns)
 {
     c->timeout_ns = timeout_ns;
     c->start_ns = 0;
@@ -62,7 +54,7 @@ static void clock_begin(wait_clock *c, int64_t timeout_ns)
 }
 
 /* Called before each sleep; returns the status to give up with, or OK. */
-static int clock_may_sleep(wait_clock *c)
+int clock_may_sleep(wait_clock *c)
 {
     if (c->timeout_ns == 0)
         return SHMFEED_E_AGAIN;
@@ -78,7 +70,7 @@ static int clock_may_sleep(wait_clock *c)
     return SHMFEED_OK;
 }
 
-static void clock_account(const wait_clock *c, atomic_u64 *waits, atomic_u64 *wait_ns)
+void clock_account(const wait_clock *c, atomic_u64 *waits, atomic_u64 *wait_ns)
 {
     if (!c->waited)
         return;
@@ -86,7 +78,7 @@ static void clock_account(const wait_clock *c, atomic_u64 *waits, atomic_u64 *wa
     add_relaxed64(wait_ns, shmfeed_clock_ns() - c->start_ns);
 }
 
-static void sleep_on_word(shm_slot_desc *d, uint64_t seen, uint64_t deadline_ns)
+void sleep_on_word(shm_slot_desc *d, uint64_t seen, uint64_t deadline_ns)
 {
     add_full32(&d->waiters, 1);
     /* Pairs with wake_word's RMW: either the waker sees us, or we see its word. */
@@ -95,13 +87,13 @@ static void sleep_on_word(shm_slot_desc *d, uint64_t seen, uint64_t deadline_ns)
     sub_relaxed32(&d->waiters, 1);
 }
 
-static void wake_word(shm_slot_desc *d)
+void wake_word(shm_slot_desc *d)
 {
     if (add_full32(&d->waiters, 0))
         shmfeed_futex_wake_all(word_futex(&d->word));
 }
 
-static void sleep_on_event(shm_event *ev, uint32_t seen, uint64_t deadline_ns)
+void sleep_on_event(shm_event *ev, uint32_t seen, uint64_t deadline_ns)
 {
     add_full32(&ev->waiters, 1);
     if (load_acquire32(&ev->count) == seen)
@@ -109,7 +101,7 @@ static void sleep_on_event(shm_event *ev, uint32_t seen, uint64_t deadline_ns)
     sub_relaxed32(&ev->waiters, 1);
 }
 
-static void signal_event(shm_event *ev)
+void signal_event(shm_event *ev)
 {
     add_release32(&ev->count, 1);
     if (add_full32(&ev->waiters, 0))
@@ -484,6 +476,8 @@ int shmfeed_close(shmfeed_ring *r, int32_t code, const char *message)
     add_release32(&ring_counters(r)->released.count, 1);
     shmfeed_futex_wake_all(&ring_counters(r)->committed.count);
     shmfeed_futex_wake_all(&ring_counters(r)->released.count);
+    add_release32(&ring_work(r)->posted.count, 1); /* producers waiting for work (work.c) */
+    shmfeed_futex_wake_all(&ring_work(r)->posted.count);
     return SHMFEED_OK;
 }
 

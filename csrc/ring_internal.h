@@ -13,6 +13,29 @@
 
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "futex waits on the low half of a 64-bit word assume little-endian"
+
+/* ---- waiting, shared by protocol.c (slots) and work.c (tasks) ------------ */
+
+/* Deadline for a timeout: 0 means none (wait forever, slice by slice). */
+typedef struct wait_clock {
+    int64_t timeout_ns;
+    uint64_t start_ns;
+    uint64_t deadline_ns;
+    int waited;
+} wait_clock;
+
+void clock_begin(wait_clock *c, int64_t timeout_ns);
+/* Called before each sleep; returns the status to give up with, or OK. */
+int clock_may_sleep(wait_clock *c);
+void clock_account(const wait_clock *c, atomic_u64 *waits, atomic_u64 *wait_ns);
+void sleep_on_word(shm_slot_desc *d, uint64_t seen, uint64_t deadline_ns);
+void wake_word(shm_slot_desc *d);
+void sleep_on_event(shm_event *ev, uint32_t seen, uint64_t deadline_ns);
+void signal_event(shm_event *ev);
+int is_closed(const struct shmfeed_ring *r);
+/* a is after b in the 46-bit sequence space (wrap-safe). */
+int seq_after(uint64_t a, uint64_t b);
+
 #endif
 
 struct shmfeed_ring {
@@ -37,6 +60,10 @@ static inline shm_counters *ring_counters(const struct shmfeed_ring *r)
 {
     return (shm_counters *)(r->base + SHMFEED_COUNTERS_OFFSET);
 }
+static inline shm_work *ring_work(const struct shmfeed_ring *r)
+{
+    return (shm_work *)(r->base + SHMFEED_WORK_OFFSET);
+}
 static inline shm_slot_desc *ring_desc(const struct shmfeed_ring *r, uint32_t slot)
 {
     return (shm_slot_desc *)(r->base + SHMFEED_DESC_OFFSET) + slot;
@@ -50,5 +77,28 @@ void shmfeed_futex_wait(atomic_u32 *word, uint32_t expected, uint64_t deadline_n
 void shmfeed_futex_wake_all(atomic_u32 *word);
 /* Low 32 bits of a slot word: what futex waits compare. */
 static inline atomic_u32 *word_futex(atomic_u64 *word) { return (atomic_u32 *)(void *)word; }
+
+
+/* ---- waiting, shared by protocol.c (slots) and work.c (tasks) ------------ */
+
+/* Deadline for a timeout: 0 means none (wait forever, slice by slice). */
+typedef struct wait_clock {
+    int64_t timeout_ns;
+    uint64_t start_ns;
+    uint64_t deadline_ns;
+    int waited;
+} wait_clock;
+
+void clock_begin(wait_clock *c, int64_t timeout_ns);
+/* Called before each sleep; returns the status to give up with, or OK. */
+int clock_may_sleep(wait_clock *c);
+void clock_account(const wait_clock *c, atomic_u64 *waits, atomic_u64 *wait_ns);
+void sleep_on_word(shm_slot_desc *d, uint64_t seen, uint64_t deadline_ns);
+void wake_word(shm_slot_desc *d);
+void sleep_on_event(shm_event *ev, uint32_t seen, uint64_t deadline_ns);
+void signal_event(shm_event *ev);
+int is_closed(const struct shmfeed_ring *r);
+/* a is after b in the 46-bit sequence space (wrap-safe). */
+int seq_after(uint64_t a, uint64_t b);
 
 #endif

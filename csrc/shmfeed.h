@@ -136,6 +136,65 @@ int shmfeed_abort(shmfeed_ring *ring, const shmfeed_claimed *claim);
 int shmfeed_acquire(shmfeed_ring *ring, int64_t timeout_ns, shmfeed_acquired *out);
 int shmfeed_release(shmfeed_ring *ring, const shmfeed_acquired *acquired);
 
+/* ---- work hand-out (work.c: NOTE [work hand-out]) --------------------------- */
+
+enum {
+    SHMFEED_JOB_RESUME = 1    /* producers skip what the resumed state delivered */
+};
+
+/* A job: tasks k = 0 .. count-1 are batches base_seq + k of `epoch`. */
+typedef struct shmfeed_job {
+    uint64_t epoch;
+    uint64_t base_seq;
+    uint64_t count;
+    uint64_t start;           /* passed through: where the producers' mapping starts */
+    uint64_t flags;           /* SHMFEED_JOB_* */
+    uint64_t gen;             /* out: the generation the job was posted (or read) as */
+    uint64_t taken;           /* out: tasks handed out (fresh, not re-issued) so far */
+} shmfeed_job;
+
+/* A task a producer took. */
+typedef struct shmfeed_task {
+    uint64_t seq;
+    uint64_t k;               /* seq - base_seq */
+    uint64_t epoch;
+    uint64_t start;
+    uint64_t flags;
+    uint64_t gen;
+    uint32_t reissued;        /* 1: taken from the re-issue queue */
+    uint32_t reserved;
+} shmfeed_task;
+
+/* A producer record, as the feed reads it. */
+typedef struct shmfeed_record {
+    uint64_t owner;
+    uint64_t task;            /* seq + 1 of the task held; 0: none */
+    uint64_t intent;          /* non-zero: a take is in progress */
+    uint64_t since_ns;
+    uint64_t busy_ns;
+    uint64_t batches;
+    uint32_t pid;
+    uint32_t reserved;
+} shmfeed_record;
+
+/* Feed side. post publishes a new job (its generation and the previous
+ * job's handed-out count come back in job->gen / job->taken); freeze stops
+ * fresh hand-out of the current job (re-issued tasks still go out). */
+int shmfeed_job_post(shmfeed_ring *ring, shmfeed_job *job);
+int shmfeed_job_freeze(shmfeed_ring *ring, shmfeed_job *out);
+int shmfeed_job_read(const shmfeed_ring *ring, shmfeed_job *out);
+int shmfeed_reissue(shmfeed_ring *ring, uint64_t seq);
+/* The queued re-issued seqs (up to cap) and their number. */
+int shmfeed_reissue_read(const shmfeed_ring *ring, uint64_t *seqs, uint32_t cap, uint32_t *n_out);
+int shmfeed_record_reset(shmfeed_ring *ring, uint32_t rec);
+int shmfeed_record_read(const shmfeed_ring *ring, uint32_t rec, shmfeed_record *out);
+int shmfeed_max_producers(void);
+/* Producer side: take the next task (re-issued first), then claim/commit
+ * its slot, then task_done. */
+int shmfeed_record_open(shmfeed_ring *ring, uint32_t rec, uint64_t owner, uint32_t pid);
+int shmfeed_take(shmfeed_ring *ring, uint32_t rec, int64_t timeout_ns, shmfeed_task *out);
+int shmfeed_task_done(shmfeed_ring *ring, uint32_t rec, uint64_t busy_ns);
+
 /* ---- control ------------------------------------------------------------- */
 
 /* Free every claim held by a dead owner; writes the freed sequences to
