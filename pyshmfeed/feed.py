@@ -3,15 +3,19 @@
 NOTE [producer lifecycle]
   start    ``Feed.__init__`` validates every argument, creates the ring (so a
            spec that does not fit in memory fails before anything starts),
-           starts or joins Ray, and starts ``workers`` producer actors pinned
-           to this node (the ring is node-local). Producers stay up across
-           epochs: start-up is paid once per feed.
-  work     A dispatcher thread (dispatch.py) hands out ``(seq, index, epoch)`` tasks in
-           chunks to whichever producer has fewer than two chunks in flight,
-           so a slow producer holds nobody back. Ordered rings put batch
-           ``seq`` in slot ``seq mod slots``; every producer runs its chunks in
-           increasing ``seq``, and ``slots >= prefetch + 2``, which together
-           rule out a deadlock between producers waiting for slots.
+           takes a lease on the process's one Ray (raylife.py), and starts
+           ``workers`` producer actors pinned to this node (the ring is
+           node-local). Producers stay up across epochs: start-up is paid once
+           per feed.
+  work     Indexed sources (fill/make) on this node: the feed posts each
+           epoch as a job in the segment and producers take its tasks
+           themselves (NOTE [work hand-out] in csrc/work.c; supervision in
+           supervisor.py): nothing per batch goes through Ray. Generator
+           shards and producers on other nodes are still handed their work
+           through Ray by the dispatcher (dispatch.py), once per epoch
+           (shards) or per chunk (remote). Ordered rings put batch ``seq`` in
+           slot ``seq mod slots``; tasks are taken in increasing ``seq`` and
+           only once their slot is free, so no producer waits holding one.
   death    A producer call that fails with an actor error (actor killed,
            process SIGKILLed) or that runs past ``lease`` seconds (the actor is
            then killed first, so it can never write again) triggers:
@@ -23,9 +27,11 @@ NOTE [producer lifecycle]
            loop raises ``ProducerError`` after the batches before it.
   stop     ``close()`` (also from ``with``, or an exception, Ctrl-C or
            ``break`` that leaves the ``with`` block): close the ring (every
-           waiter wakes), stop the dispatcher, kill the actors, wait for their
-           processes to exit, detach the ring, and shut Ray down if this feed
-           started it. Nothing outlives the feed.
+           waiter wakes), stop the supervisor, kill the actors, wait for their
+           processes to exit, detach the ring, and give back the Ray lease
+           (Ray stops with the last lease, if pyshmfeed started it). Nothing
+           outlives the feed. ``close`` can be retried until it has finished
+           (a second Ctrl-C inside it), and does nothing in a forked child.
 """
 
 from __future__ import annotations
@@ -40,11 +46,11 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import errors
-from .dispatch import Dispatcher as _Dispatcher
+from . import errors, raylife
 from .ring import CLOSE_NORMAL, ConsumerSlot, Ring
 from .spec import Batch, BatchSpec, SlotLayout
 from .stats import FeedStats
+from .work import MAX_PRODUCERS, TaskIndex, epoch_order, epoch_positions
 
 STATE_VERSION = 1
 _ACQUIRE_POLL_S = 0.2
@@ -90,9 +96,11 @@ class Feed:
                  _actor_options: dict | None = None) -> None:
         self._created = time.perf_counter()
         self._closed = False
+        self._pid = os.getpid()  # close() acts only here: a forked child must not close our ring
         self._ring: Ring | None = None
-        self._dispatcher: _Dispatcher | None = None
-        self._started_ray = False
+        self._dispatcher: Any = None  # supervisor.Supervisor (segment hand-out) or dispatch.Dispatcher
+        self._ray_lease: raylife.Lease | None = None
+        self._final_summary: dict[str, Any] | None = None  # the supervisor's figures, kept at close()
         self._closers: list[Callable[[], None]] = []  # stages, then page-locking (NOTE [stage lifecycle])
         self._staging_stats: Callable[[], dict] | None = None  # set by pyshmfeed.stage
         # Batches a stage took from the ring for the epoch but never handed to the loop: (index, worker).
@@ -108,13 +116,13 @@ class Feed:
         if not callable(self._fn):
             raise errors.InvalidArgument(f"{self.kind}= must be callable, got {self._fn!r}")
         if self.kind != "shards":
-            if not isinstance(length, int) or length <= 0:
+            if not isinstance(length, int) or isinstance(length, bool) or length <= 0:
                 raise errors.InvalidArgument(f"length= (batches per epoch) must be a positive int for a "
                                              f"{self.kind} source, got {length!r}")
         elif shuffle:
             raise errors.InvalidArgument("shuffle applies to indexed sources (fill/make); shuffle inside "
                                          "your shards generator instead")
-        if not isinstance(workers, int) or workers <= 0:
+        if not isinstance(workers, int) or isinstance(workers, bool) or workers <= 0:
             raise errors.InvalidArgument(f"workers must be a positive int, got {workers!r}")
         if not isinstance(prefetch, int) or prefetch < 0:
             raise errors.InvalidArgument(f"prefetch must be an int >= 0, got {prefetch!r}")
@@ -124,8 +132,10 @@ class Feed:
                                          "the loop holds one batch and prefetch more while producers fill the rest")
         if not (isinstance(num_cpus, (int, float)) and num_cpus >= 0):
             raise errors.InvalidArgument(f"num_cpus must be >= 0, got {num_cpus!r}")
-        if lease is not None and lease <= 0:
-            raise errors.InvalidArgument(f"lease must be positive seconds or None, got {lease!r}")
+        if lease is not None and not (isinstance(lease, (int, float)) and math.isfinite(lease) and lease > 0):
+            raise errors.InvalidArgument(f"lease must be positive, finite seconds or None, got {lease!r}")
+        if chunk is not None and not (isinstance(chunk, int) and not isinstance(chunk, bool) and chunk > 0):
+            raise errors.InvalidArgument(f"chunk must be a positive int or None, got {chunk!r}")
         if not (isinstance(world_size, int) and world_size >= 1 and isinstance(rank, int)
                 and 0 <= rank < world_size):
             raise errors.InvalidArgument(f"rank={rank!r}, world_size={world_size!r}: need 0 <= rank < world_size")
@@ -142,6 +152,12 @@ class Feed:
         self.device = device
         if self.kind == "shards":
             ordered = False  # generator shards are served first ready, first served
+        # Indexed sources on this node take their work from the segment; shards and remote
+        # producers are handed it through Ray (NOTE [producer lifecycle]).
+        self._segment_handout = self.kind != "shards" and placement == "node"
+        if self._segment_handout and workers > MAX_PRODUCERS:
+            raise errors.InvalidArgument(f"workers={workers}: a ring serves at most {MAX_PRODUCERS} producers "
+                                         "on its node")
         self.spec = spec
         self.length = length
         self.rank = rank
@@ -170,10 +186,22 @@ class Feed:
         try:
             self._layouts = [SlotLayout(spec, self._ring.slot_buffer(i), self._ring.slot_bytes)
                              for i in range(slots)]
-            self._started_ray = _ensure_ray(address, workers, num_cpus)
-            self._dispatcher = _Dispatcher(self, num_cpus, lease,
-                                           workers * 3 if max_restarts is None else max_restarts,
-                                           _actor_options or {})
+            self._ray_lease = raylife.acquire(address, workers, num_cpus)
+            restarts = workers * 3 if max_restarts is None else max_restarts
+            if self._segment_handout:
+                from .supervisor import Supervisor
+
+                skip = frozenset(int(i) for i in (self._resume or {}).get("delivered", ()))
+                task_index = TaskIndex(length, seed=self.seed, shuffle=shuffle, ordered=ordered, rank=rank,
+                                       world_size=world_size, resume_skip=skip)
+                self._dispatcher = Supervisor(
+                    ring=self._ring, spec=spec, kind=self.kind, fn=self._fn, workers=workers, seed=self.seed,
+                    task_index=task_index, ordered=ordered, num_cpus=num_cpus, lease=lease,
+                    max_restarts=restarts, actor_options=_actor_options or {}, delivered=self._delivered_now)
+            else:
+                from .dispatch import Dispatcher
+
+                self._dispatcher = Dispatcher(self, num_cpus, lease, restarts, _actor_options or {})
             self._dispatcher.start()
         except BaseException:
             self.close()
@@ -243,30 +271,34 @@ class Feed:
             self._stats.add_wall(time.perf_counter() - wall0)
             self._epoch_active = None
             if not self._epoch_finished and not self._closed:
-                self._dispatcher.cancel_pending()
+                if self._segment_handout:
+                    self._dispatcher.abandon()
+                else:
+                    self._dispatcher.cancel_pending()
                 self._drain_needed = True
 
     def _indexed_slots(self, epoch: int, stop=None) -> Iterator[tuple[ConsumerSlot, Batch]]:
         order = self.epoch_order(epoch)
-        start, done = 0, set()
+        start, done, resume = 0, frozenset(), False
         if self._resume and self._resume["epoch"] == epoch:
             start = self._resume["position"] if self.ordered else 0
-            done = set(self._resume.get("delivered", ()))
+            done = frozenset(int(i) for i in self._resume.get("delivered", ()))
+            resume = True
             self._resume = None
-        if self.ordered:
-            todo = list(range(start, len(order)))
-        else:
-            todo = [p for p in range(len(order)) if int(order[p]) not in done]
+        todo = epoch_positions(order, start=start, ordered=self.ordered, skip=done)
         self._position = start if self.ordered else 0
         self._delivered_indices = set(done)
-        # Not emptied: a producer whose call had not returned when the last epoch ended may yet be
-        # reported dead, and a batch of it delivered then must not be re-issued (made twice).
-        self._delivered_seqs = self._dispatcher.still_in_flight(self._delivered_seqs)
         base = self._next_seq
-        tasks = [(base + k, int(order[p]), epoch) for k, p in enumerate(todo)]
-        self._next_seq = base + len(tasks)
-        self._dispatcher.submit(tasks)
-        for _ in range(len(tasks)):
+        self._next_seq = base + len(todo)
+        if self._segment_handout:
+            self._delivered_seqs = set()  # the supervisor knows every earlier job was drained
+            self._dispatcher.post(epoch, base, len(todo), start=start, resume=resume)
+        else:
+            # Not emptied: a producer whose call had not returned when the last epoch ended may yet be
+            # reported dead, and a batch of it delivered then must not be re-issued (made twice).
+            self._delivered_seqs = self._dispatcher.still_in_flight(self._delivered_seqs)
+            self._dispatcher.submit([(base + k, int(order[p]), epoch) for k, p in enumerate(todo)])
+        for _ in range(len(todo)):
             slot, batch = self._next_batch(stop=stop)
             if self.ordered:
                 self._position += 1
@@ -352,25 +384,17 @@ class Feed:
         self._drain_needed = False
 
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """The indices this rank delivers in ``epoch``, in order.
+        """The indices this rank delivers in ``epoch``, in order (``work.epoch_order``: shuffle, ranks)."""
+        return epoch_order(self.length, epoch, seed=self.seed, shuffle=self.shuffle, rank=self.rank,
+                           world_size=self.world_size)
 
-        All ranks compute the same global order (a permutation seeded by
-        ``seed`` and the epoch when ``shuffle``, else ``0..length-1``); rank r
-        takes every ``world_size``-th index from position r. Like torch's
-        DistributedSampler, the order is padded by wrapping around so every
-        rank gets ``ceil(length / world_size)`` batches and none waits for the
-        others at the end of an epoch.
-        """
-        if self.shuffle:
-            order = np.random.default_rng(np.random.SeedSequence([self.seed & (2**63 - 1), epoch, 0x5F])) \
-                .permutation(self.length)
-        else:
-            order = np.arange(self.length)
-        if self.world_size == 1:
-            return order
-        per_rank = -(-self.length // self.world_size)
-        padded = np.resize(order, per_rank * self.world_size)  # np.resize repeats from the start
-        return padded[self.rank::self.world_size]
+    def _delivered_now(self) -> set[int]:
+        """A snapshot of this epoch's delivered sequences (read by the supervisor's thread)."""
+        while True:
+            try:
+                return set(self._delivered_seqs)
+            except RuntimeError:  # resized by the loop while copied: copy again
+                continue
 
     # ---- state, stats, lifecycle -------------------------------------------
 
@@ -402,6 +426,8 @@ class Feed:
         d = self._dispatcher
         if d is not None:
             s.update(d.summary())
+        elif self._final_summary:
+            s.update(self._final_summary)
         s.update({"workers": self.workers, "slots": self.slots, "ordered": self.ordered,
                   "source": self.kind, "staging": "cpu-view (zero copy)"})
         if d is not None and s.get("producer_wall_s"):
@@ -421,26 +447,39 @@ class Feed:
             raise errors.RingClosed("the feed is closed")
 
     def close(self) -> None:
-        """Stop producers, free the ring, shut Ray down if this feed started it. Idempotent."""
-        if self._closed:
+        """Stop producers, free the ring, give back the Ray lease. Idempotent; retry if interrupted.
+
+        Each step runs once and is marked done only when it finished, so a
+        Ctrl-C inside ``close`` leaves a feed that ``close()`` finishes later.
+        In a forked child the feed is the parent's: close there only forgets it.
+        """
+        if os.getpid() != self._pid:
+            self._closed = True
             return
-        self._closed = True
+        ring_mapped = self._ring is not None and self._ring.attached
+        if self._closed and not ring_mapped and self._dispatcher is None and self._ray_lease is None:
+            return
+        self._closed = True  # from here on, iteration refuses; the steps below may be retried
         if self._ring is not None and self._ring.attached:
             self._ring.close("the feed was closed", code=CLOSE_NORMAL)
         closer_error = None
-        for fn in reversed(list(self._closers)):  # stages first, then page-locking: before the unmap
+        while self._closers:  # stages first, then page-locking: before the unmap
+            fn = self._closers[-1]
             try:
                 fn()
             except Exception as exc:
                 closer_error = closer_error or exc
+            self._remove_closer(fn)
         if self._dispatcher is not None:
             self._dispatcher.stop()
+            with contextlib.suppress(Exception):  # the ring is still mapped: its records can be read
+                self._final_summary = self._dispatcher.summary()
+            self._dispatcher = None
         if self._ring is not None:
             self._ring.detach()
-        if self._started_ray:
-            import ray
-
-            ray.shutdown()
+        if self._ray_lease is not None:
+            self._ray_lease.release()
+            self._ray_lease = None
         if closer_error is not None:
             raise closer_error
 
@@ -474,21 +513,3 @@ def _check_state(state: dict, feed: Feed) -> dict:
             raise errors.InvalidArgument(f"cannot resume: state has {key}={state.get(key)!r}, this feed has "
                                          f"{getattr(feed, key)!r}")
     return dict(state)
-
-
-def _ensure_ray(address: str | None, workers: int, num_cpus: float) -> bool:
-    """Join ``address``, or use the running Ray, or start a local one. True if we started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    if address is not None:
-        ray.init(address=address, include_dashboard=False, log_to_driver=True)
-        return True
-    cpus = max(os.cpu_count() or 1, math.ceil(workers * num_cpus))
-    # address="local": a new instance, even if a `ray start` cluster runs here (ray.init() would join
-    # it, and refuse num_cpus); joining a cluster is what address= is for.
-    ray.init(address="local", num_cpus=cpus, include_dashboard=False, configure_logging=True,
-             logging_level="warning")
-    return True

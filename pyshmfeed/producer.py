@@ -1,9 +1,11 @@
-"""The producer loop, run inside a Ray actor: attach, then claim → write → commit.
+"""The producer loop, run inside a Ray actor: attach, then take → claim → write → commit.
 
-One ``Producer`` per process. The feed calls ``run(tasks)`` with a chunk of
-``(seq, index, epoch)`` tasks (indexed sources) or ``run_shard(...)`` (generator
-sources). Each batch is written straight into its ring slot; nothing about a
-batch travels through Ray except its index.
+One ``Producer`` per process. Indexed sources (fill/make) on the ring's node
+run ``serve(...)`` once: it takes tasks from the segment's work area until the
+ring closes (NOTE [work hand-out] in csrc/work.c), so no batch costs a Ray
+call. Generator sources get ``run_shard(...)`` once per epoch, and producers on
+other nodes ``run(tasks)`` per chunk (NOTE [remote producers] in remote.py).
+Each batch is written straight into its ring slot.
 
 Failure handling (see NOTE [producer lifecycle] in feed.py):
   - a user function that raises: the slot is aborted and ``run`` *returns* an
@@ -26,6 +28,7 @@ from . import errors
 from .ring import Ring, RingHandle, process_alive
 from .source import SourceContext, copy_batch_into, write_indexed_batch
 from .spec import BatchSpec, SlotLayout
+from .work import TaskIndex, WorkArea
 
 # Test hook (fault injection): "STEP:N:MARKER" makes a producer SIGKILL itself at
 # STEP (claim, write, commit, after_commit) of its N-th batch, once: the first
@@ -37,7 +40,7 @@ class Producer:
     """Writes batches into ring slots. Construct inside the producer process."""
 
     def __init__(self, handle: RingHandle, spec: BatchSpec, kind: str, fn: Callable[..., Any], worker: int,
-                 num_workers: int, seed: int, consumer_pid: int) -> None:
+                 num_workers: int, seed: int, consumer_pid: int, task_index: TaskIndex | None = None) -> None:
         self.ring = self._attach(handle)
         self.spec = spec
         self.kind = kind
@@ -50,6 +53,10 @@ class Producer:
                         for i in range(self.ring.slots)]
         self._batches = 0
         self._kill_at = _parse_kill_hook(os.environ.get(KILL_HOOK_ENV, ""))
+        self.task_index = task_index
+        if task_index is not None:  # takes its work from the segment, at record `worker`
+            self.work = WorkArea(self.ring)
+            self.work.open(worker, self.ring.owner, os.getpid())
 
     def _attach(self, handle: RingHandle) -> Ring:
         """Map the ring. Same node only (the handle is a path on this machine): a producer on
@@ -99,6 +106,41 @@ class Producer:
         self._batches += 1
         return busy
 
+    def serve(self) -> dict[str, Any]:
+        """Make tasks taken from the work area until the ring closes. Never raises for user errors.
+
+        Returns ``{"closed": True}`` when the ring closed (or the consumer is
+        gone), or an error record for the batch whose source raised; the task
+        stays in this producer's record, so the feed knows it was not made.
+        """
+        work, rec = self.work, self.worker
+        while True:
+            try:
+                task = work.take(rec, stop=self._consumer_gone)
+            except errors.RingClosed:
+                return {"closed": True}
+            index = self.task_index(task)
+            ctx = SourceContext(self.worker, self.num_workers, task.epoch, self.seed)
+            try:
+                busy = self._make(task.seq, index, ctx)
+            except errors.RingClosed:
+                return {"closed": True}
+            except (Exception, KeyboardInterrupt, SystemExit) as exc:  # the source failed (even by exiting)
+                return {"error": {**_error_record(exc, index, self.worker), "seq": task.seq}}
+            work.done(rec, busy)
+
+    def _make(self, seq: int, index: int, ctx: SourceContext) -> float:
+        """Make batch ``index`` as ``seq`` with an indexed source; returns busy seconds."""
+        if self.kind == "make":
+            # Make the batch before claiming its slot: the source's I/O and compute then
+            # overlap with the consumer still reading the slot, which is held only for the copy.
+            t0 = time.perf_counter()
+            batch = self.fn(index, ctx)
+            busy = time.perf_counter() - t0
+            return busy + self._produce(seq, index, ctx, lambda layout: copy_batch_into(layout, batch))
+        return self._produce(seq, index, ctx, lambda layout: write_indexed_batch(self.kind, self.fn, layout,
+                                                                                 index, ctx))
+
     def run(self, tasks: list[tuple[int, int, int]]) -> dict[str, Any]:
         """Make each ``(seq, index, epoch)`` task, in order. Never raises for user errors."""
         busy = 0.0
@@ -106,16 +148,7 @@ class Producer:
         for seq, index, epoch in tasks:
             ctx = SourceContext(self.worker, self.num_workers, epoch, self.seed)
             try:
-                if self.kind == "make":
-                    # Make the batch before claiming its slot: the source's I/O and compute then
-                    # overlap with the consumer still reading the slot, which is held only for the copy.
-                    t0 = time.perf_counter()
-                    batch = self.fn(index, ctx)
-                    busy += time.perf_counter() - t0
-                    busy += self._produce(seq, index, ctx, lambda layout, b=batch: copy_batch_into(layout, b))
-                else:
-                    busy += self._produce(seq, index, ctx, lambda layout: write_indexed_batch(
-                        self.kind, self.fn, layout, index, ctx))
+                busy += self._make(seq, index, ctx)
             except errors.RingClosed:
                 return {"done": done, "busy_s": busy, "closed": True}
             except Exception as exc:  # a user function (or its batch) failed

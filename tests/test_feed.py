@@ -504,8 +504,7 @@ def nothing_may_start(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the feed started Ray or producers despite a bad argument")
 
-    monkeypatch.setattr(feed_module, "_ensure_ray", refuse)
-    monkeypatch.setattr(feed_module, "_Dispatcher", refuse)
+    monkeypatch.setattr(feed_module.raylife, "acquire", refuse)
 
 
 @pytest.mark.parametrize("kwargs, error, needle", [
@@ -522,6 +521,13 @@ def nothing_may_start(monkeypatch):
     (dict(fill=fill_source, length=10, prefetch=4, slots=5), InvalidArgument, "prefetch + 2"),
     (dict(fill=fill_source, length=10, num_cpus=-1), InvalidArgument, "num_cpus"),
     (dict(fill=fill_source, length=10, lease=0), InvalidArgument, "lease"),
+    (dict(fill=fill_source, length=10, lease=float("nan")), InvalidArgument, "lease"),  # would never fire
+    (dict(fill=fill_source, length=10, lease=float("inf")), InvalidArgument, "lease"),
+    (dict(fill=fill_source, length=10, chunk=-1), InvalidArgument, "chunk"),  # nothing would be handed out
+    (dict(fill=fill_source, length=10, chunk=0), InvalidArgument, "chunk"),
+    (dict(fill=fill_source, length=True), InvalidArgument, "length"),  # a bool is not a count
+    (dict(fill=fill_source, length=10, workers=True), InvalidArgument, "workers"),
+    (dict(fill=fill_source, length=10, workers=10_000), InvalidArgument, "workers"),
     (dict(fill=fill_source, length=10, device="cuda:4096"), InvalidArgument, "cuda:4096"),  # no such GPU anywhere
     (dict(fill=fill_source, length=10, device="meta"), InvalidArgument, "CUDA device"),
     (dict(fill=fill_source, length=10, state={"version": 0}), InvalidArgument, "state"),

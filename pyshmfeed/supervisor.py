@@ -1,0 +1,384 @@
+"""Producers on the ring's node that take their work from the segment: start, watch, replace.
+
+NOTE [supervision]
+  start    One Ray actor per producer position ``w`` (0 .. workers-1), pinned
+           to this node, all started at once. Each opens record ``w`` of the
+           work area and then runs ``serve()``: one Ray call for its whole
+           life. ``Supervisor.__init__`` returns once the first one is up, so
+           start-up errors surface in ``Feed()``; the others join as they come.
+  work     The feed posts a job per epoch in the segment (``WorkArea.post``);
+           producers take tasks themselves. Nothing here runs per batch.
+  watch    One thread wakes every ``_TICK_S``: process liveness of every
+           producer pid (the pid is in its record), Ray's answer for each
+           ``serve()`` call (a return is an error record or a death), and the
+           lease of the task each record holds.
+  death    Kill it for good and wait for its process (a paused one could
+           still write), ``reclaim`` its claims in the ring, then work out
+           what it held: the task in its record, or, if it died inside a take
+           (``intent`` set), any task handed out that is neither committed,
+           queued nor held by a live producer (NOTE [work hand-out] gives the
+           order in which those are read). Re-issue what was lost, reset the
+           record, start a replacement at the same position.
+  errors   A source that raises ends its ``serve()`` with an error record:
+           ordered feeds hold it until the loop has every batch before it.
+  ray      If Ray itself dies, the producers die with it and no replacement
+           starts: ``raise_if_failed`` says so within ``RAY_LOST_S``.
+  stop     The feed closes the ring (every ``serve()`` returns), then
+           ``stop()`` kills the actors and waits, boundedly, for their pids.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable
+
+from . import errors
+from ._ffi import lib
+from .producer import Producer
+from .ring import CLOSE_FAILED, CLOSE_PRODUCER_ERROR, Ring, process_alive
+from .spec import BatchSpec
+from .work import TaskIndex, WorkArea
+
+_TICK_S = 0.05          # how often the watch thread looks (nothing per batch)
+_SETTLE_S = 2.0         # a live producer's take in progress ends in nanoseconds; a paused one is leased out
+START_S = 300.0         # the first producer must be up by then
+RAY_LOST_S = 30.0       # no producer alive and none starting for this long: Ray is gone
+
+
+class Position:
+    """Producer position ``worker``: its current actor incarnation."""
+
+    def __init__(self, worker: int) -> None:
+        self.worker = worker
+        self.actor: Any = None
+        self.ready_ref: Any = None   # identity() while it starts
+        self.serve_ref: Any = None   # serve() once it runs
+        self.pid: int | None = None
+        self.owner: int | None = None
+        self.pids: list[int] = []    # every incarnation's pid, oldest first (tests, stop())
+        self.started_at = time.monotonic()
+        self.finished = False        # serve() returned: the ring closed, or its source raised
+
+    @property
+    def identity(self) -> dict[str, int] | None:
+        """The running incarnation's pid and owner token; None while it starts (or after its death)."""
+        return None if self.pid is None else {"pid": self.pid, "owner": self.owner, "worker": self.worker}
+
+
+class Supervisor(threading.Thread):
+    """Starts the producers of one feed and keeps them going (NOTE [supervision])."""
+
+    def __init__(self, *, ring: Ring, spec: BatchSpec, kind: str, fn: Callable[..., Any], workers: int,
+                 seed: int, task_index: TaskIndex, ordered: bool, num_cpus: float, lease: float | None,
+                 max_restarts: int, actor_options: dict, delivered: Callable[[], set[int]]) -> None:
+        super().__init__(name="pyshmfeed-supervisor", daemon=True)
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        self._ray = ray
+        self.ring = ring
+        self.work = WorkArea(ring)
+        self.ordered = ordered
+        self.lease = lease
+        self.restarts_left = max_restarts
+        self.restarts = 0
+        self.reissued = 0
+        self._delivered = delivered
+        self._args = (ring.handle, spec, kind, fn)
+        self._workers = workers
+        self._seed = seed
+        self._task_index = task_index
+        self._kind = kind
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._error: BaseException | None = None
+        self._deferred_error: tuple[errors.ProducerError, int] | None = None
+        self._job = None            # the job posted last
+        self._frozen_taken: int | None = None
+        self._t0 = time.perf_counter()
+        self.beat = time.monotonic()  # the watch thread's last round (a stuck Ray call stops it)
+        self._no_producer_since: float | None = None
+        options = {"num_cpus": num_cpus, "max_restarts": 0, "max_task_retries": 0,
+                   "scheduling_strategy": NodeAffinitySchedulingStrategy(
+                       node_id=ray.get_runtime_context().get_node_id(), soft=False)}
+        options.update(actor_options)
+        self._actor_cls = ray.remote(Producer).options(**options)
+        self.positions = [Position(w) for w in range(workers)]
+        for p in self.positions:
+            self.work.reset(p.worker)
+            self._start(p)
+        self._await_first(num_cpus)
+
+    def _start(self, p: Position) -> None:
+        handle, spec, kind, fn = self._args
+        p.actor = self._actor_cls.remote(handle, spec, kind, fn, p.worker, self._workers, self._seed,
+                                         os.getpid(), self._task_index)
+        p.ready_ref = p.actor.identity.remote()
+        p.serve_ref = None
+        p.pid = p.owner = None
+        p.started_at = time.monotonic()
+
+    def _await_first(self, num_cpus: float) -> None:
+        ray = self._ray
+        starting = {p.ready_ref: p for p in self.positions}
+        done, _ = ray.wait(list(starting), num_returns=1, timeout=START_S)
+        if not done:
+            raise errors.ShmfeedError(f"no producer started within {START_S:g} s; is the Ray cluster out of "
+                                      f"CPUs? (each producer asks for num_cpus={num_cpus})")
+        try:
+            self._on_started(starting[done[0]], ray.get(done[0]))
+        except errors.ShmfeedError:
+            raise
+        except Exception as exc:
+            raise errors.ShmfeedError(f"producers failed to start: {exc}") from exc
+
+    @property
+    def slots(self) -> list[Position]:
+        """The producer positions (the name the dispatcher uses too)."""
+        return self.positions
+
+    def _on_started(self, p: Position, ident: dict[str, int]) -> None:
+        p.pid, p.owner, p.ready_ref = ident["pid"], ident["owner"], None
+        p.pids.append(p.pid)
+        p.serve_ref = p.actor.serve.remote()
+
+    # ---- called by the feed (training thread) -------------------------------
+
+    def post(self, epoch: int, base_seq: int, count: int, *, start: int, resume: bool) -> None:
+        """Start an epoch: producers take its tasks from the segment at once."""
+        with self._lock:
+            self._frozen_taken = None
+            self.work.post(epoch, base_seq, count, start=start, resume=resume)
+            self._job = self.work.current()
+
+    def abandon(self) -> int:
+        """The loop left the epoch early: hand out nothing more of it. Returns the tasks handed out."""
+        with self._lock:
+            if self._job is None or self._frozen_taken is not None:
+                return self._frozen_taken or 0
+            self._frozen_taken = self.work.freeze().taken
+            return self._frozen_taken
+
+    def outstanding(self, delivered: set[int]) -> list[int]:
+        """Batches of an abandoned epoch handed out but not delivered: the feed drains them."""
+        with self._lock:
+            if self._job is None:
+                return []
+            base, taken = self._job.base_seq, self._frozen_taken or 0
+        return [s for s in range(base, base + taken) if s not in delivered]
+
+    def raise_if_failed(self) -> None:
+        if self._error is None and self._deferred_error is not None:
+            exc, seq = self._deferred_error
+            if self.ring.counters()["consumer_head"] >= seq:  # every batch before it was delivered
+                self._fail(exc)
+        if self._error is None and time.monotonic() - self.beat > RAY_LOST_S and self.is_alive():
+            self._fail(errors.ShmfeedError(
+                f"the feed's supervisor has been stuck in a Ray call for over {RAY_LOST_S:g} s: Ray (its raylet "
+                "or GCS) is probably gone. Close the feed; check `ray status` and the Ray logs"))
+        if self._error is not None:
+            raise self._error
+
+    def summary(self) -> dict[str, Any]:
+        busy_ns = 0
+        for p in self.positions:
+            with contextlib.suppress(errors.ShmfeedError):
+                busy_ns += self.work.record(p.worker).busy_ns
+        return {"restarts": self.restarts, "reissued": self.reissued, "producer_busy_s": busy_ns / 1e9,
+                "producer_wall_s": time.perf_counter() - self._t0, "handout": "segment"}
+
+    def stop(self) -> None:
+        """After the ring was closed: stop watching, kill the actors, wait (boundedly) for their pids."""
+        self._stopping.set()
+        if self.is_alive() and threading.current_thread() is not self:
+            self.join(timeout=5)
+        pending = {p.ready_ref: p for p in self.positions if p.ready_ref is not None}
+        if pending:  # still starting: learn their pids, so we can make sure they are gone
+            with contextlib.suppress(Exception):
+                done, _ = self._ray.wait(list(pending), num_returns=len(pending), timeout=5)
+                for ref in done:
+                    with contextlib.suppress(Exception):
+                        pending[ref].pids.append(self._ray.get(ref, timeout=1)["pid"])
+        for p in self.positions:
+            if p.actor is not None:
+                with contextlib.suppress(Exception):
+                    self._ray.kill(p.actor, no_restart=True)
+        for pid in {pid for p in self.positions for pid in p.pids}:
+            wait_dead(pid, polite_s=2.0)
+
+    # ---- the watch thread -----------------------------------------------------
+
+    def run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                self._watch_round()
+                self.beat = time.monotonic()
+        except BaseException as exc:  # never die silently: the loop raises it
+            if not self._stopping.is_set():
+                self._fail(errors.ShmfeedError(f"the feed's supervisor failed: {exc!r}"), exc)
+
+    def _watch_round(self) -> None:
+        ray = self._ray
+        by_ref = {}
+        for p in self.positions:
+            if p.ready_ref is not None:
+                by_ref[p.ready_ref] = p
+            elif p.serve_ref is not None:
+                by_ref[p.serve_ref] = p
+        if by_ref:
+            done, _ = ray.wait(list(by_ref), num_returns=len(by_ref), timeout=_TICK_S)
+        else:
+            done = []
+            self._stopping.wait(_TICK_S)
+        if self._stopping.is_set():
+            return
+        for ref in done:
+            p = by_ref[ref]
+            try:
+                result = ray.get(ref)
+            except Exception:
+                self._on_death(p)
+                continue
+            if ref is p.ready_ref:
+                self._on_started(p, result)
+            else:
+                self._on_returned(p, result)
+        now_ns = lib.shmfeed_now_ns()
+        for p in self.positions:
+            if p.pid is not None and not p.finished and not process_alive(p.pid):
+                self._on_death(p)
+            elif p.pid is not None and self.lease is not None and not p.finished:
+                rec = self.work.record(p.worker)
+                if rec.task is not None and (now_ns - rec.since_ns) / 1e9 > self.lease:
+                    # Stuck (or paused) on one batch: kill it first so it can never write again.
+                    with contextlib.suppress(Exception):
+                        ray.kill(p.actor, no_restart=True)
+                    self._on_death(p)
+        self._check_ray_alive()
+
+    def _check_ray_alive(self) -> None:
+        """No producer alive and none coming for RAY_LOST_S: a Ray that cannot start actors any more."""
+        if any(p.pid is not None and not p.finished for p in self.positions):
+            self._no_producer_since = None
+            return
+        now = time.monotonic()
+        if self._no_producer_since is None:
+            self._no_producer_since = now
+        elif now - self._no_producer_since > RAY_LOST_S and not all(p.finished for p in self.positions):
+            self._fail(errors.ShmfeedError(
+                f"no producer has been running for {RAY_LOST_S:g} s and Ray started none: Ray (raylet or GCS) "
+                "is probably gone or out of resources. Close the feed; check `ray status` and the Ray logs"))
+
+    def _on_returned(self, p: Position, result: dict[str, Any]) -> None:
+        p.serve_ref = None
+        if result.get("closed"):
+            p.finished = True
+            return
+        e = result["error"]
+        p.finished = True
+        exc = errors.ProducerError(
+            f"the {self._kind} source raised {e['type']}: {e['message']} (batch index {e['index']}, "
+            f"producer {e['worker']})", index=e["index"], worker=e["worker"], traceback_text=e["traceback"])
+        if self.ordered:
+            # Batches before it may still be in the making: keep the ring open and producing
+            # until the loop reaches this batch (raise_if_failed), so they are delivered first.
+            with self._lock:
+                if self._deferred_error is None or e["seq"] < self._deferred_error[1]:
+                    self._deferred_error = (exc, e["seq"])
+        else:
+            self._fail(exc)
+
+    def _fail(self, exc: BaseException, cause: BaseException | None = None) -> None:
+        if cause is not None:
+            exc.__cause__ = cause
+        if self._error is None:
+            self._error = exc
+        code = CLOSE_PRODUCER_ERROR if isinstance(exc, errors.ProducerError) else CLOSE_FAILED
+        with contextlib.suppress(errors.ShmfeedError):
+            self.ring.close(str(exc).splitlines()[0][:1500], code=code)
+        self._stopping.set()
+
+    # ---- a death ---------------------------------------------------------------
+
+    def _on_death(self, p: Position) -> None:
+        """Account for a dead producer's task, re-issue it if it was lost, start a replacement."""
+        wait_dead(p.pid)  # Ray may call it dead before its process is gone
+        if p.owner is not None:
+            self.ring.reclaim(p.owner)
+        with self._lock:
+            for seq in self._lost_by(p.worker):
+                self.work.reissue(seq)
+                self.reissued += 1
+            self.work.reset(p.worker)
+        p.pid = p.owner = None
+        p.serve_ref = p.ready_ref = None
+        if self.restarts_left <= 0:
+            self._fail(errors.ProducerLost(f"producer {p.worker} died and no restarts are left "
+                                           f"({self.restarts} used); see the Ray logs for why it died"))
+            return
+        self.restarts_left -= 1
+        self.restarts += 1
+        self._start(p)
+
+    def _lost_by(self, dead: int) -> list[int]:
+        """Tasks the producer at record ``dead`` took that nobody will make now (NOTE [work hand-out])."""
+        if self._job is None:
+            return []
+        job = self.work.current()  # 1. what was handed out
+        base = self._job.base_seq
+        taken = self._frozen_taken if self._frozen_taken is not None else job.taken
+        rec = self.work.record(dead)
+        candidates = set() if rec.task is None else {rec.task}
+        if rec.intent:  # it died inside a take: any task handed out may be the one
+            candidates.update(range(base, base + taken))
+        candidates = {s for s in candidates if s >= base}  # earlier jobs were drained before this one
+        if not candidates:
+            return []
+        queued = set(self.work.queued())  # 2. the queue, before the records a pop moves a task into
+        held = self._held_by_live(dead)   # 3. live records, once every take in progress ended
+        if self.ordered:                  # 4. the ring, then 5. what the loop has
+            lost = [s for s in sorted(candidates - queued - held) if not self.ring.seq_committed(s)]
+        else:
+            in_ring = set()
+            for i in range(self.ring.slots):
+                info = self.ring.slot_info(i)
+                if info["state"] in ("ready", "acquired"):
+                    in_ring.add(info["seq"])
+            delivered = self._delivered()
+            lost = sorted(candidates - queued - held - in_ring - delivered)
+        return lost
+
+    def _held_by_live(self, dead: int) -> set[int]:
+        held: set[int] = set()
+        deadline = time.monotonic() + _SETTLE_S
+        for p in self.positions:
+            if p.worker == dead:
+                continue
+            rec = self.work.record(p.worker)
+            while rec.intent and time.monotonic() < deadline:
+                time.sleep(0.0005)
+                rec = self.work.record(p.worker)
+            if rec.task is not None:
+                held.add(rec.task)
+        return held
+
+
+def wait_dead(pid: int | None, polite_s: float = 1.0) -> None:
+    """Make sure a producer process is gone (a SIGSTOPped one ignores polite requests)."""
+    if pid is None:
+        return
+    deadline = time.monotonic() + polite_s
+    while process_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if process_alive(pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            return
+    deadline = time.monotonic() + 10
+    while process_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.02)

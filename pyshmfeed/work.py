@@ -1,0 +1,188 @@
+"""The work area of the segment: jobs, tasks, re-issue, producer records (NOTE [work hand-out] in csrc/work.c).
+
+The feed posts one *job* per epoch (task ``k`` is batch ``base_seq + k``);
+producers ``take`` tasks straight from shared memory, so no batch costs a Ray
+call or any work in the training process. Which batch *index* a task makes is
+``task_index``: the same pure function of the feed's settings in the feed and
+in every producer, so nothing but the task number needs to travel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from . import errors
+from ._ffi import check, ffi, lib
+from .ring import Ring
+
+MAX_PRODUCERS: int = lib.shmfeed_max_producers()
+JOB_RESUME = lib.SHMFEED_JOB_RESUME
+
+
+@dataclass(frozen=True)
+class Job:
+    epoch: int
+    base_seq: int
+    count: int
+    start: int
+    flags: int
+    gen: int
+    taken: int  # fresh tasks handed out so far (for post/freeze: by the job before)
+
+
+@dataclass(frozen=True)
+class Task:
+    seq: int
+    k: int
+    epoch: int
+    start: int
+    flags: int
+    reissued: bool
+
+
+@dataclass(frozen=True)
+class Record:
+    owner: int
+    task: int | None  # the seq it holds
+    intent: bool      # a take is in progress: what it holds is not settled yet
+    since_ns: int
+    busy_ns: int
+    batches: int
+    pid: int
+
+
+def _job(j) -> Job:
+    return Job(int(j.epoch), int(j.base_seq), int(j.count), int(j.start), int(j.flags), int(j.gen), int(j.taken))
+
+
+class WorkArea:
+    """The work area of ``ring`` (feed side and producer side)."""
+
+    def __init__(self, ring: Ring) -> None:
+        self.ring = ring
+        self._task = ffi.new("shmfeed_task *")
+        self._record = ffi.new("shmfeed_record *")
+
+    # ---- the feed's side ---------------------------------------------------
+
+    def post(self, epoch: int, base_seq: int, count: int, *, start: int = 0, resume: bool = False) -> Job:
+        """Publish a job; producers start on it at once. Returns it (``taken``: by the previous job)."""
+        j = ffi.new("shmfeed_job *", {"epoch": epoch, "base_seq": base_seq, "count": count, "start": start,
+                                      "flags": JOB_RESUME if resume else 0})
+        check(lib.shmfeed_job_post(self.ring._live(), j), f"posting the work of epoch {epoch}")
+        return _job(j)
+
+    def freeze(self) -> Job:
+        """Hand out nothing fresh of the current job (re-issued tasks still go); ``taken``: how many went."""
+        j = ffi.new("shmfeed_job *")
+        check(lib.shmfeed_job_freeze(self.ring._live(), j), "freezing the current job")
+        return _job(j)
+
+    def current(self) -> Job:
+        j = ffi.new("shmfeed_job *")
+        check(lib.shmfeed_job_read(self.ring._live(), j), "reading the current job")
+        return _job(j)
+
+    def reissue(self, seq: int) -> None:
+        """Put a lost task back: the next free producer makes it before anything fresh."""
+        check(lib.shmfeed_reissue(self.ring._live(), seq), f"re-issuing batch {seq}")
+
+    def queued(self) -> list[int]:
+        seqs = ffi.new("uint64_t[]", 256)
+        n = ffi.new("uint32_t *")
+        check(lib.shmfeed_reissue_read(self.ring._live(), seqs, 256, n), "reading the re-issue queue")
+        return [int(seqs[i]) for i in range(n[0])]
+
+    def record(self, rec: int) -> Record:
+        r = self._record
+        check(lib.shmfeed_record_read(self.ring._live(), rec, r), f"reading producer record {rec}")
+        return Record(int(r.owner), int(r.task) - 1 if r.task else None, bool(r.intent), int(r.since_ns),
+                      int(r.busy_ns), int(r.batches), int(r.pid))
+
+    def reset(self, rec: int) -> None:
+        """Free record ``rec`` for a new producer (its previous one is dead and accounted for)."""
+        check(lib.shmfeed_record_reset(self.ring._live(), rec), f"resetting producer record {rec}")
+
+    # ---- a producer's side -------------------------------------------------
+
+    def open(self, rec: int, owner: int, pid: int) -> None:
+        check(lib.shmfeed_record_open(self.ring._live(), rec, owner, pid), f"opening producer record {rec}")
+
+    def take(self, rec: int, *, timeout: float | None = None, stop: Callable[[], bool] | None = None) -> Task:
+        """The next task for the producer at record ``rec`` (waits; ``RingClosed`` when the ring closes)."""
+        ptr = self.ring._live()
+        t = self._task
+        self.ring._wait(lambda ns: lib.shmfeed_take(ptr, rec, ns, t), "waiting for work", timeout, stop)
+        return Task(int(t.seq), int(t.k), int(t.epoch), int(t.start), int(t.flags), bool(t.reissued))
+
+    def done(self, rec: int, busy_s: float) -> None:
+        check(lib.shmfeed_task_done(self.ring._live(), rec, int(busy_s * 1e9)), f"finishing a task (record {rec})")
+
+
+# ---- which batch index a task makes -------------------------------------------
+
+
+def epoch_order(length: int, epoch: int, *, seed: int, shuffle: bool, rank: int = 0,
+                world_size: int = 1) -> np.ndarray:
+    """The indices a rank delivers in ``epoch``, in order.
+
+    All ranks compute the same global order (a permutation seeded by ``seed``
+    and the epoch when ``shuffle``, else ``0..length-1``); rank r takes every
+    ``world_size``-th index from position r. Like torch's DistributedSampler,
+    the order is padded by wrapping around so every rank gets
+    ``ceil(length / world_size)`` batches and none waits for the others at the
+    end of an epoch.
+    """
+    if shuffle:
+        order = np.random.default_rng(np.random.SeedSequence([seed & (2**63 - 1), epoch, 0x5F])) \
+            .permutation(length)
+    else:
+        order = np.arange(length)
+    if world_size == 1:
+        return order
+    per_rank = -(-length // world_size)
+    padded = np.resize(order, per_rank * world_size)  # np.resize repeats from the start
+    return padded[rank::world_size]
+
+
+def epoch_positions(order: np.ndarray, *, start: int, ordered: bool, skip: frozenset[int] = frozenset()
+                    ) -> np.ndarray:
+    """Positions in ``order`` an epoch's tasks make, task ``k`` first to last.
+
+    Ordered: from ``start`` on (a resumed ordered epoch delivered a prefix).
+    Unordered: every position whose index is not in ``skip`` (a resumed
+    unordered epoch delivered an arbitrary set).
+    """
+    if ordered or not skip:
+        return np.arange(start, len(order))
+    keep = ~np.isin(order, np.fromiter(skip, dtype=np.int64, count=len(skip)))
+    return np.flatnonzero(keep)
+
+
+class TaskIndex:
+    """Maps a task to its batch index, with the epoch's order cached (the producers' side)."""
+
+    def __init__(self, length: int, *, seed: int, shuffle: bool, ordered: bool, rank: int, world_size: int,
+                 resume_skip: frozenset[int] = frozenset()) -> None:
+        self._args = dict(seed=seed, shuffle=shuffle, rank=rank, world_size=world_size)
+        self.length = length
+        self.ordered = ordered
+        self.resume_skip = resume_skip
+        self._key: tuple | None = None
+        self._positions: np.ndarray | None = None
+        self._order: np.ndarray | None = None
+
+    def __call__(self, task: Task) -> int:
+        key = (task.epoch, task.start, bool(task.flags & JOB_RESUME))
+        if key != self._key:
+            self._order = epoch_order(self.length, task.epoch, **self._args)
+            skip = self.resume_skip if key[2] else frozenset()
+            self._positions = epoch_positions(self._order, start=task.start, ordered=self.ordered, skip=skip)
+            self._key = key
+        if not 0 <= task.k < len(self._positions):
+            raise errors.CorruptSegment(f"task {task.k} of epoch {task.epoch} is past the epoch's "
+                                        f"{len(self._positions)} batches")
+        return int(self._order[self._positions[task.k]])
