@@ -247,12 +247,13 @@ TRAINING_SCRIPT = textwrap.dedent("""
     spec = BatchSpec(x=((1024,), "int64"))
     try:
         with Feed(spec, fill=fill, length=100, workers=2, backing=sys.argv[2]) as feed:
-            n = 0
+            n, printed = 0, False
             for epoch in range(10**6):
                 for batch in feed.epoch(epoch):
                     assert batch["x"][0] == batch.index
                     n += 1
-                    if n == 30:
+                    if n >= 30 and not printed and all(p.pids for p in feed._dispatcher.slots):
+                        printed = True  # every producer is up (they start concurrently, in the background)
                         print(json.dumps({"pid": os.getpid(), "path": feed.ring.handle.path,
                                           "producers": [p.pids[-1] for p in feed._dispatcher.slots]}), flush=True)
                     time.sleep(0.005)
