@@ -15,6 +15,16 @@ HELP = "run the published comparison live: every installed pipeline on the same 
 # batches, for which 2 cores are the bottleneck: fewer batches keep its run to a few minutes.
 ARTICLE_BATCHES = 60
 
+# Transport-bound workloads: no I/O, no compute, no training step, so the figures are the cost of
+# moving batches. "small": 64 KiB batches, where a per-batch control-plane cost shows; "large": 48 MiB
+# batches the loop reads page by page, where start-up and copies show.
+PRESETS = {
+    "small": dict(shape=(16_384,), label_shape=(1,), batches=5_000, serial_batches=500, warmup=100,
+                  io_sleep=0.0, work=0, step=0.0, data="index", workers=2),
+    "large": dict(shape=(4, 1_000_000, 3), batches=60, serial_batches=12, warmup=4, io_sleep=0.0, work=0,
+                  step=0.0, data="index", touch=True, workers=2),
+}
+
 
 def _shape(text: str) -> tuple[int, ...]:
     try:
@@ -52,6 +62,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--step", type=float, default=d.step,
                         help=f"simulated training step in seconds (default {d.step})")
     parser.add_argument("--seed", type=int, default=d.seed, help="seed of the batches' random data")
+    parser.add_argument("--preset", choices=sorted(PRESETS),
+                        help="a transport-bound workload (no I/O, no step; the options above still override): "
+                             "small = 64 KiB x 5,000 batches, large = 48 MiB x 60 read page by page; "
+                             "2 producers")
     parser.add_argument("--only", type=_names, action="extend", default=None, metavar="NAMES",
                         help=f"run only these pipelines (comma-separated; a family prefix works): {', '.join(KEYS)}")
     parser.add_argument("--skip", type=_names, action="extend", default=None, metavar="NAMES",
@@ -66,6 +80,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def workload_from(args: argparse.Namespace) -> Workload:
+    if getattr(args, "preset", None):
+        p = dict(PRESETS[args.preset])
+        d = Workload()
+        # An option given on the command line wins over the preset (defaults do not).
+        for name in ("workers", "batches", "serial_batches"):
+            if getattr(args, name):
+                p[name] = getattr(args, name)
+        for name in ("io_sleep", "work", "step", "warmup"):
+            if getattr(args, name) != getattr(d, name):
+                p[name] = getattr(args, name)
+        if args.shape:
+            p["shape"] = args.shape
+        return Workload(seed=args.seed, preset=args.preset, **p)
     d = Workload()
     shape = args.shape or (ARTICLE_SHAPE if args.article else DEFAULT_SHAPE)
     batches = args.batches or (ARTICLE_BATCHES if args.article else d.batches)

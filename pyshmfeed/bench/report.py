@@ -17,13 +17,17 @@ _COLUMNS = (
     ("wait p99", "ms", "wait_p99_s", "ms"),
     ("stall", "%", "stall_fraction", "pct"),
     ("batches/s", "", "batches_per_s", "{:.2f}"),
+    ("CPU/1000", "ms", "cpu_ms_per_1000", "{:.0f}"),
+    ("wall", "s", "wall_s", "{:.2f}"),
+    ("batches/s", "÷ limit", "rate_vs_limit", "ratio"),
+    ("wall", "÷ limit", "wall_vs_limit", "ratio"),
     ("wait", "÷ seq", "wait_vs_sequential", "ratio"),
     ("wait", "÷ pyshmfeed", "wait_vs_pyshmfeed", "ratio"),
 )
 
 
 def _fmt(value: Any, how: str) -> str:
-    if value is None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
     if how == "ms":
         ms = 1e3 * value
@@ -102,6 +106,8 @@ def notes(result: dict[str, Any]) -> str:
             unit = "s" if "wait" in t["target"] else "batches/s"
             detail = (f": pyshmfeed {t['pyshmfeed']:.4g} {unit} vs {_label(t['best_other_key'])} "
                       f"{t['best_other']:.4g} {unit} (ratio {t['ratio']:.3g})")
+        elif "other" in t:
+            detail = f": pyshmfeed {t['pyshmfeed']:.4g} vs {t['other']:.4g} (ratio {t['ratio']:.3g})"
         elif "fill_batches_per_s" in t:
             detail = (f": fill {t['fill_batches_per_s']:.2f} batches/s, wait {1e3 * t['fill_wait_mean_s']:.2f} ms; "
                       f"make {t['make_batches_per_s']:.2f} batches/s, wait {1e3 * t['make_wait_mean_s']:.2f} ms")

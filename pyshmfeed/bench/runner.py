@@ -216,6 +216,7 @@ def add_ratios(result: dict[str, Any]) -> None:
     """Each row's steady-state mean wait divided by sequential's and by pyshmfeed's; the targets."""
     ok = _ok(result)
     seq = ok.get("sequential", {}).get("wait_mean_s")
+    limit = ok.get("bare-ring")
     ref_key = reference_key(result)
     ref = ok[ref_key]["wait_mean_s"] if ref_key else None
     for r in result["rows"]:
@@ -224,6 +225,9 @@ def add_ratios(result: dict[str, Any]) -> None:
             continue
         r["wait_vs_sequential"] = r["wait_mean_s"] / seq if seq else None
         r["wait_vs_pyshmfeed"] = r["wait_mean_s"] / ref if ref else None
+        # Against the bare ring, the limit of this machine: throughput, and the whole run's wall time.
+        r["rate_vs_limit"] = r["batches_per_s"] / limit["batches_per_s"] if limit else None
+        r["wall_vs_limit"] = r["wall_s"] / limit["wall_s"] if limit else None
     result["reference"] = ref_key
     result["targets"] = targets(result)
 
@@ -231,8 +235,11 @@ def add_ratios(result: dict[str, Any]) -> None:
 def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's targets, each with the figures it was judged on (None when a row is missing)."""
     ok = _ok(result)
-    others = {k: r for k, r in ok.items() if not k.startswith("pyshmfeed")}
+    others = {k: r for k, r in ok.items() if not k.startswith("pyshmfeed") and k != "bare-ring"}
     out: list[dict[str, Any]] = []
+    preset = result.get("workload", {}).get("preset")
+    if preset:
+        return transport_targets(ok, preset)
     ref_key = reference_key(result)
     if not ref_key or not others:
         return out
@@ -267,4 +274,26 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             "fill_producer_busy_fraction": busy[0], "make_producer_busy_fraction": busy[1],
             "met": fill["batches_per_s"] >= make["batches_per_s"] and fill["wait_mean_s"] <= make["wait_mean_s"],
         })
+    return out
+
+
+def transport_targets(ok: dict[str, dict[str, Any]], preset: str) -> list[dict[str, Any]]:
+    """The data-plane issue's targets for the transport presets (ratios within this one run)."""
+    feed, limit = ok.get("pyshmfeed-fill"), ok.get("bare-ring")
+    if feed is None:
+        return []
+    out: list[dict[str, Any]] = []
+    if preset == "small":
+        for key, factor in (("bare-ring", 0.5), ("mpqueue", 2.0), ("torch", 5.0)):
+            if key in ok:
+                ratio = feed["batches_per_s"] / ok[key]["batches_per_s"]
+                out.append({"target": f"batches/s >= {factor:g} x {key}", "workload": "--preset small",
+                            "pyshmfeed": feed["batches_per_s"], "other": ok[key]["batches_per_s"],
+                            "ratio": ratio, "met": ratio >= factor})
+        out.append({"target": "training-process CPU <= 60 ms per 1,000 batches", "workload": "--preset small",
+                    "pyshmfeed": feed["cpu_ms_per_1000"], "met": feed["cpu_ms_per_1000"] <= 60})
+    elif preset == "large" and limit is not None:
+        ratio = feed["wall_s"] / limit["wall_s"]
+        out.append({"target": "wall time, start-up included, <= 1.15 x the bare ring's", "workload": "--preset large",
+                    "pyshmfeed": feed["wall_s"], "other": limit["wall_s"], "ratio": ratio, "met": ratio <= 1.15})
     return out

@@ -53,6 +53,11 @@ class Workload:
     work: int = 10_000
     step: float = 0.1
     seed: int = 0
+    # "random": the article's random data; "index": x filled with the batch index (nearly free, so the
+    # transport presets measure the hand-off, not numpy's random generator).
+    data: str = "random"
+    touch: bool = False  # the loop reads every page of x (the transport presets' "large")
+    preset: str | None = None  # the named workload these values came from ("small", "large")
 
     def __post_init__(self) -> None:
         for name in ("workers", "batches", "serial_batches"):
@@ -66,6 +71,8 @@ class Workload:
                 raise ValueError(f"{name} must be >= 0 seconds, got {getattr(self, name)}")
         if not self.shape or any(d < 1 for d in self.shape):
             raise ValueError(f"shape must be positive dimensions, got {self.shape}")
+        if self.data not in ("random", "index"):
+            raise ValueError(f"data must be 'random' or 'index', got {self.data!r}")
 
     @property
     def batch_bytes(self) -> int:
@@ -80,9 +87,11 @@ class Workload:
 
     def describe(self) -> str:
         mb = self.batch_bytes / 1e6
+        data = "random" if self.data == "random" else "filled with its index"
+        touch = " (the loop reads every page of x)" if self.touch else ""
         return (f"{self.workers} producers; each batch: {self.io_sleep:g} s simulated I/O + a "
-                f"{self.work}-iteration Python loop + x float32 {tuple(self.shape)} ({mb:.1f} MB) and "
-                f"y float32 {tuple(self.label_shape)}; training step {self.step:g} s; "
+                f"{self.work}-iteration Python loop + x float32 {tuple(self.shape)} ({mb:.1f} MB, {data}) and "
+                f"y float32 {tuple(self.label_shape)}; training step {self.step:g} s{touch}; "
                 f"{self.batches} batches per run ({self.serial_batches} for single-producer pipelines), "
                 f"the first {self.warmup} excluded from steady state")
 
@@ -110,6 +119,8 @@ def _rng(w: Workload, index: int) -> np.random.Generator:
 def make_batch(index: int, w: Workload) -> tuple[np.ndarray, np.ndarray]:
     """The article's producer for one batch, as it is: float64 random data, then ``astype``."""
     _simulate_io_and_work(w)
+    if w.data == "index":
+        return np.full(w.shape, index, np.float32), np.full(w.label_shape, index, np.float32)
     rng = _rng(w, index)
     x = rng.random(w.shape).astype(np.float32)
     y = rng.random(w.label_shape).astype(np.float32)
@@ -123,6 +134,10 @@ def fill_batch(index: int, x: np.ndarray, y: np.ndarray, w: Workload) -> None:
     float64 temporary, the ``astype`` copy, and the copy into the slot.
     """
     _simulate_io_and_work(w)
+    if w.data == "index":
+        x.fill(index)
+        y.fill(index)
+        return
     rng = _rng(w, index)
     rng.random(out=x, dtype=np.float32)
     rng.random(out=y, dtype=np.float32)
@@ -147,6 +162,8 @@ class Trace:
     first: float | None = None
     end: float | None = None
     steady_start: float | None = None  # when the loop asked for the first steady-state batch
+    steady_cpu: float | None = None    # this process's CPU time then (all its threads)
+    end_cpu: float | None = None
 
 
 def measure(batches: Iterable[Sequence[Any]], w: Workload, length: int, start: float,
@@ -158,13 +175,14 @@ def measure(batches: Iterable[Sequence[Any]], w: Workload, length: int, start: f
     a real loop does (pyshmfeed's views are valid until then; Ray frees an
     object when its last reference goes).
     """
-    step = train_step or (lambda x, y: time.sleep(w.step) if w.step else None)
+    step = train_step or _default_step(w)
     trace = Trace(start=start)
     iterator = iter(batches)
     warm = min(w.warmup, length - 1)
     for i in range(length):
         if i == warm:
             trace.steady_start = time.perf_counter()
+            trace.steady_cpu = time.process_time()
         t0 = time.perf_counter()
         try:
             batch = next(iterator)
@@ -181,10 +199,25 @@ def measure(batches: Iterable[Sequence[Any]], w: Workload, length: int, start: f
         if on_batch is not None:
             on_batch(i + 1)
     trace.end = time.perf_counter()
+    trace.end_cpu = time.process_time()
     close = getattr(iterator, "close", None)
     if close is not None:
         close()
     return trace
+
+
+def _touch_every_page(x: Any) -> float:
+    """Read one float of every 4 KiB page of x: the consumer really reads the batch."""
+    return float(np.asarray(x).reshape(-1)[::1024].sum())
+
+
+def _default_step(w: Workload) -> Callable[[Any, Any], None]:
+    def step(x: Any, y: Any) -> None:
+        if w.touch:
+            _touch_every_page(x)
+        if w.step:
+            time.sleep(w.step)
+    return step
 
 
 def summarize(trace: Trace, w: Workload) -> dict[str, float | int]:
@@ -206,6 +239,10 @@ def summarize(trace: Trace, w: Workload) -> dict[str, float | int]:
         "wait_mean_all_s": float(waits.mean()),
         "stall_fraction": float(steady.sum() / steady_wall) if steady_wall > 0 else 0.0,
         "batches_per_s": float(steady.size / steady_wall) if steady_wall > 0 else float("inf"),
+        # The training process's CPU (every thread of it) per 1,000 steady-state batches.
+        "cpu_ms_per_1000": (1e6 * (trace.end_cpu - trace.steady_cpu) / steady.size
+                            if steady.size and trace.end_cpu is not None and trace.steady_cpu is not None
+                            else float("nan")),
     }
 
 

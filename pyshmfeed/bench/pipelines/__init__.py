@@ -75,6 +75,9 @@ class Pipeline:
 
 
 PIPELINES: tuple[Pipeline, ...] = (
+    Pipeline("bare-ring", "bare shared-memory ring (the limit)", "bare_ring:open_bare_ring", (), "",
+             "W forked producers fill slots of one shared_memory block; slot numbers go through two "
+             "multiprocessing queues; no supervision, ordering or recovery", forks=True),
     Pipeline("sequential", "sequential generator", "sequential:open_sequential", (), "",
              "one generator in the training process: each batch is made when the loop asks for it",
              serial=True),
