@@ -63,6 +63,7 @@ static inline uint64_t exchange_full64(atomic_u64 *p, uint64_t v) { return atomi
 static inline uint64_t exchange_acq_rel64(atomic_u64 *p, uint64_t v) { return atomic_exchange_explicit(p, v, memory_order_acq_rel); }
 static inline uint64_t add_relaxed64(atomic_u64 *p, uint64_t v) { return atomic_fetch_add_explicit(p, v, memory_order_relaxed); }
 static inline uint32_t add_release32(atomic_u32 *p, uint32_t v) { return atomic_fetch_add_explicit(p, v, memory_order_release); }
+static inline uint64_t add_full64(atomic_u64 *p, uint64_t v) { return atomic_fetch_add_explicit(p, v, memory_order_seq_cst); }
 static inline uint32_t add_full32(atomic_u32 *p, uint32_t v) { return atomic_fetch_add_explicit(p, v, memory_order_seq_cst); }
 static inline uint32_t sub_relaxed32(atomic_u32 *p, uint32_t v) { return atomic_fetch_sub_explicit(p, v, memory_order_relaxed); }
 

@@ -164,7 +164,8 @@ typedef struct shm_job {
     atomic_u64 count;
     atomic_u64 start;        /* passed through to producers (their index mapping) */
     atomic_u64 flags;        /* SHMFEED_JOB_* */
-    uint64_t reserved[3];
+    atomic_u64 stride;       /* round robin: producers; task k is record k % stride's */
+    uint64_t reserved[2];
 } shm_job;
 
 /* One per producer position (worker). The feed resets it before it starts
@@ -178,7 +179,7 @@ typedef struct shm_record {
     atomic_u64 batches;
     atomic_u32 pid;
     uint32_t reserved0;
-    uint64_t reserved1;
+    atomic_u64 next;         /* round robin: task_make(gen, k) of its next task */
 } shm_record;
 
 typedef struct shm_work {

@@ -139,7 +139,8 @@ int shmfeed_release(shmfeed_ring *ring, const shmfeed_acquired *acquired);
 /* ---- work hand-out (work.c: NOTE [work hand-out]) --------------------------- */
 
 enum {
-    SHMFEED_JOB_RESUME = 1    /* producers skip what the resumed state delivered */
+    SHMFEED_JOB_RESUME = 1,       /* producers skip what the resumed state delivered */
+    SHMFEED_JOB_ROUND_ROBIN = 2   /* task k goes to record k % stride only (torch's assignment) */
 };
 
 /* A job: tasks k = 0 .. count-1 are batches base_seq + k of `epoch`. */
@@ -149,6 +150,7 @@ typedef struct shmfeed_job {
     uint64_t count;
     uint64_t start;           /* passed through: where the producers' mapping starts */
     uint64_t flags;           /* SHMFEED_JOB_* */
+    uint64_t stride;          /* round robin: the number of producer records taking part */
     uint64_t gen;             /* out: the generation the job was posted (or read) as */
     uint64_t taken;           /* out: tasks handed out (fresh, not re-issued) so far */
 } shmfeed_job;
@@ -175,6 +177,8 @@ typedef struct shmfeed_record {
     uint64_t batches;
     uint32_t pid;
     uint32_t reserved;
+    uint64_t next_gen;        /* round robin: the job generation and ... */
+    uint64_t next_k;          /* ... task number it takes next */
 } shmfeed_record;
 
 /* Feed side. post publishes a new job (its generation and the previous

@@ -50,6 +50,7 @@ static void job_copy_out(const shm_job *j, uint64_t gen, shmfeed_job *out)
     out->count = load_relaxed64((atomic_u64 *)&j->count);
     out->start = load_relaxed64((atomic_u64 *)&j->start);
     out->flags = load_relaxed64((atomic_u64 *)&j->flags);
+    out->stride = load_relaxed64((atomic_u64 *)&j->stride);
     out->gen = gen;
 }
 
@@ -76,6 +77,7 @@ static int publish(shmfeed_ring *r, const shmfeed_job *job, uint64_t *gen_out, u
     store_relaxed64(&j->count, job->count);
     store_relaxed64(&j->start, job->start);
     store_relaxed64(&j->flags, job->flags);
+    store_relaxed64(&j->stride, job->stride);
     /* Publishes the descriptor; pairs with the taker's load_acquire of `next`.
      * The exchange also tells exactly how many tasks the old one handed out:
      * every later CAS against it fails. */
@@ -90,6 +92,8 @@ static int publish(shmfeed_ring *r, const shmfeed_job *job, uint64_t *gen_out, u
 int shmfeed_job_post(shmfeed_ring *r, shmfeed_job *job)
 {
     if (!r || !job || job->base_seq > WORD_SEQ_MASK || job->count > WORD_SEQ_MASK - job->base_seq)
+        return SHMFEED_E_INVAL;
+    if ((job->flags & SHMFEED_JOB_ROUND_ROBIN) && (job->stride == 0 || job->stride > SHMFEED_MAX_PRODUCERS))
         return SHMFEED_E_INVAL;
     return publish(r, job, &job->gen, &job->taken);
 }
@@ -184,6 +188,9 @@ int shmfeed_record_read(const shmfeed_ring *r, uint32_t rec, shmfeed_record *out
     out->batches = load_relaxed64(&p->batches);
     out->pid = load_relaxed32(&p->pid);
     out->reserved = 0;
+    uint64_t nx = load_acquire64(&p->next);
+    out->next_gen = task_gen(nx);
+    out->next_k = task_k(nx);
     return SHMFEED_OK;
 }
 
@@ -287,6 +294,11 @@ int shmfeed_take(shmfeed_ring *r, uint32_t rec, int64_t timeout_ns, shmfeed_task
             return SHMFEED_OK;
         }
         uint64_t k = task_k(w);
+        int rr = (job.flags & SHMFEED_JOB_ROUND_ROBIN) != 0;
+        if (rr) { /* this record's own sequence of tasks: rec, rec + stride, ... */
+            uint64_t nx = load_acquire64(&p->next);
+            k = task_gen(nx) == task_gen(w) ? task_k(nx) : rec;
+        }
         if (k < job.count) {
             seq = job.base_seq + k;
             if (ordered_ring(r)) {
@@ -301,6 +313,23 @@ int shmfeed_take(shmfeed_ring *r, uint32_t rec, int64_t timeout_ns, shmfeed_task
                 }
             }
             exchange_full64(&p->intent, w | 1);
+            if (rr) {
+                /* Nobody else takes this record's tasks; what can change under us is the
+                 * job (a freeze or a new post). Hold the task, then look again at the job
+                 * word with a seq_cst RMW: either we see the new generation and give the
+                 * task back, or the feed, which waits for our intent to clear after it
+                 * published, sees the task in this record. */
+                store_relaxed64(&p->task, seq + 1);
+                if (task_gen(add_full64(&wk->next, 0)) != task_gen(w)) {
+                    store_relaxed64(&p->task, 0);
+                    store_release64(&p->intent, 0);
+                    continue;
+                }
+                store_relaxed64(&p->next, task_make(task_gen(w), k + job.stride));
+                hold(p, seq);
+                fill_task(out, &job, seq, 0);
+                return SHMFEED_OK;
+            }
             uint64_t expect = w;
             /* acq_rel: a success both reads the descriptor of generation
              * task_gen(w) as published and hands task k to us alone. */

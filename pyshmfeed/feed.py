@@ -50,7 +50,7 @@ from . import errors, raylife
 from .ring import CLOSE_NORMAL, ConsumerSlot, Ring
 from .spec import Batch, BatchSpec, SlotLayout
 from .stats import FeedStats
-from .work import MAX_PRODUCERS, TaskIndex, epoch_order, epoch_positions
+from .work import ASSIGNMENTS, MAX_PRODUCERS, TaskIndex, epoch_order, epoch_positions
 
 STATE_VERSION = 1
 _ACQUIRE_POLL_S = 0.2
@@ -69,17 +69,23 @@ class Feed:
     ``workers`` producer actors (default 4), ``slots`` in the ring (default
     ``max(2 * workers, prefetch + 2)``), ``ordered`` (default True:
     deterministic order for any number of workers; False: first ready, first
-    served), ``shuffle`` (per-epoch permutation seeded by ``seed`` and the
-    epoch), ``seed``, ``prefetch`` (batches the consumer may hold ahead),
-    ``num_cpus`` (Ray CPUs per producer, fractional by default so I/O-bound
-    producers can outnumber cores), ``address`` (join a Ray cluster),
-    ``lease`` (seconds a producer may spend on one chunk before it is
-    presumed stuck, killed and its work re-issued), ``max_restarts``,
-    ``chunk`` (indices per Ray call), ``state`` (from ``state_dict()``, to
-    resume), ``backing`` ("memfd" or "named"), ``placement`` ("node":
-    producers on this node; "cluster" or a list of Ray node ids: producers
-    anywhere, batches made elsewhere reach the ring through Ray's object
-    store, see NOTE [remote producers] in remote.py).
+    served), ``shuffle`` (a per-epoch permutation of the *batch* indices,
+    seeded by ``seed`` and the epoch: it reorders batches, not the samples
+    inside them), ``seed``, ``prefetch`` (batches the consumer may hold
+    ahead), ``num_cpus`` (Ray CPUs per producer, fractional by default so
+    I/O-bound producers can outnumber cores), ``address`` (join a Ray
+    cluster), ``lease`` (seconds a producer may spend on one batch (one chunk
+    for remote producers) before it is presumed stuck, killed and its work
+    re-issued), ``max_restarts``, ``chunk`` (indices per Ray call, for
+    producers on other nodes), ``state`` (from ``state_dict()``, to resume),
+    ``backing`` ("memfd" or "named"), ``placement`` ("node": producers on this
+    node; "cluster" or a list of Ray node ids: producers anywhere, batches
+    made elsewhere reach the ring through Ray's object store, see NOTE
+    [remote producers] in remote.py), ``assignment`` ("any": each batch is
+    made by whichever producer is free, the fastest; "round_robin": batch k
+    of an epoch by producer ``k % workers`` only, as torch's DataLoader
+    assigns them, so per-producer random state gives the same batches run
+    after run).
 
     Batches are read-only numpy views over ring memory, **valid until the loop
     asks for the next batch**; ``batch.copy()`` keeps one. Use as a context
@@ -93,7 +99,7 @@ class Feed:
                  lease: float | None = 600.0, max_restarts: int | None = None, chunk: int | None = None,
                  state: dict | None = None, backing: str = "memfd", device: str = "cpu",
                  rank: int = 0, world_size: int = 1, placement: str | list[str] = "node",
-                 _actor_options: dict | None = None) -> None:
+                 assignment: str = "any", _actor_options: dict | None = None) -> None:
         self._created = time.perf_counter()
         self._closed = False
         self._pid = os.getpid()  # close() acts only here: a forked child must not close our ring
@@ -155,6 +161,12 @@ class Feed:
         # Indexed sources on this node take their work from the segment; shards and remote
         # producers are handed it through Ray (NOTE [producer lifecycle]).
         self._segment_handout = self.kind != "shards" and placement == "node"
+        if assignment not in ASSIGNMENTS:
+            raise errors.InvalidArgument(f"assignment={assignment!r}: use one of {', '.join(ASSIGNMENTS)}")
+        if assignment == "round_robin" and not self._segment_handout:
+            raise errors.InvalidArgument("assignment='round_robin' needs a fill or make source with "
+                                         "placement='node'")
+        self.assignment = assignment
         if self._segment_handout and workers > MAX_PRODUCERS:
             raise errors.InvalidArgument(f"workers={workers}: a ring serves at most {MAX_PRODUCERS} producers "
                                          "on its node")
@@ -292,7 +304,8 @@ class Feed:
         self._next_seq = base + len(todo)
         if self._segment_handout:
             self._delivered_seqs = set()  # the supervisor knows every earlier job was drained
-            self._dispatcher.post(epoch, base, len(todo), start=start, resume=resume)
+            self._dispatcher.post(epoch, base, len(todo), start=start, resume=resume,
+                                  round_robin=self.assignment == "round_robin")
         else:
             # Not emptied: a producer whose call had not returned when the last epoch ended may yet be
             # reported dead, and a batch of it delivered then must not be re-issued (made twice).

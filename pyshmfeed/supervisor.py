@@ -98,7 +98,7 @@ class Supervisor(threading.Thread):
         self._error: BaseException | None = None
         self._deferred_error: tuple[errors.ProducerError, int] | None = None
         self._job = None            # the job posted last
-        self._frozen_taken: int | None = None
+        self._frozen: set[int] | None = None  # once the loop abandoned it: every seq it handed out
         self._t0 = time.perf_counter()
         self.beat = time.monotonic()  # the watch thread's last round (a stuck Ray call stops it)
         self._no_producer_since: float | None = None
@@ -148,28 +148,59 @@ class Supervisor(threading.Thread):
 
     # ---- called by the feed (training thread) -------------------------------
 
-    def post(self, epoch: int, base_seq: int, count: int, *, start: int, resume: bool) -> None:
-        """Start an epoch: producers take its tasks from the segment at once."""
+    def post(self, epoch: int, base_seq: int, count: int, *, start: int, resume: bool,
+             round_robin: bool = False) -> None:
+        """Start an epoch: producers take its tasks from the segment at once.
+
+        ``round_robin``: task k is made by producer ``k % workers`` only (torch's DataLoader assignment).
+        """
         with self._lock:
-            self._frozen_taken = None
-            self.work.post(epoch, base_seq, count, start=start, resume=resume)
+            self._frozen = None
+            self.work.post(epoch, base_seq, count, start=start, resume=resume,
+                           round_robin=len(self.positions) if round_robin else 0)
             self._job = self.work.current()
 
-    def abandon(self) -> int:
-        """The loop left the epoch early: hand out nothing more of it. Returns the tasks handed out."""
+    def abandon(self) -> None:
+        """The loop left the epoch early: hand out nothing more of it (re-issued work still goes)."""
         with self._lock:
-            if self._job is None or self._frozen_taken is not None:
-                return self._frozen_taken or 0
-            self._frozen_taken = self.work.freeze().taken
-            return self._frozen_taken
+            if self._job is None or self._frozen is not None:
+                return
+            frozen = self.work.freeze()
+            if self._job.round_robin:
+                self._settle_takes()  # a take that saw the old job either ends holding its task or gives it back
+                self._frozen = self._handed_out()
+            else:
+                self._frozen = set(range(self._job.base_seq, self._job.base_seq + frozen.taken))
 
     def outstanding(self, delivered: set[int]) -> list[int]:
         """Batches of an abandoned epoch handed out but not delivered: the feed drains them."""
         with self._lock:
-            if self._job is None:
-                return []
-            base, taken = self._job.base_seq, self._frozen_taken or 0
-        return [s for s in range(base, base + taken) if s not in delivered]
+            return sorted((self._frozen or set()) - delivered)
+
+    def _handed_out(self) -> set[int]:
+        """Every seq of the current job a producer took (made, making, lost or re-issued since)."""
+        if self._frozen is not None:
+            return self._frozen
+        job, base = self._job, self._job.base_seq
+        if not job.round_robin:
+            return set(range(base, base + self.work.current().taken))
+        seqs: set[int] = set()
+        for p in self.positions:
+            rec = self.work.record(p.worker)
+            if rec.next_gen == job.gen:
+                seqs.update(range(base + p.worker, base + min(rec.next_k, job.count), job.stride))
+            if rec.task is not None and rec.task >= base:
+                seqs.add(rec.task)
+        return seqs
+
+    def _settle_takes(self) -> None:
+        """Wait (briefly) until no live producer is inside a take (NOTE [work hand-out])."""
+        deadline = time.monotonic() + _SETTLE_S
+        for p in self.positions:
+            if p.pid is None or not process_alive(p.pid):
+                continue
+            while self.work.record(p.worker).intent and time.monotonic() < deadline:
+                time.sleep(0.0005)
 
     def raise_if_failed(self) -> None:
         if self._error is None and self._deferred_error is not None:
@@ -328,13 +359,15 @@ class Supervisor(threading.Thread):
         """Tasks the producer at record ``dead`` took that nobody will make now (NOTE [work hand-out])."""
         if self._job is None:
             return []
-        job = self.work.current()  # 1. what was handed out
         base = self._job.base_seq
-        taken = self._frozen_taken if self._frozen_taken is not None else job.taken
+        handed_out = self._handed_out()  # 1. what was handed out
         rec = self.work.record(dead)
         candidates = set() if rec.task is None else {rec.task}
         if rec.intent:  # it died inside a take: any task handed out may be the one
-            candidates.update(range(base, base + taken))
+            if self._job.round_robin:  # ... of its own: the others' records are theirs
+                candidates.update(s for s in handed_out if (s - base) % self._job.stride == dead)
+            else:
+                candidates.update(handed_out)
         candidates = {s for s in candidates if s >= base}  # earlier jobs were drained before this one
         if not candidates:
             return []

@@ -20,6 +20,8 @@ from .ring import Ring
 
 MAX_PRODUCERS: int = lib.shmfeed_max_producers()
 JOB_RESUME = lib.SHMFEED_JOB_RESUME
+JOB_ROUND_ROBIN = lib.SHMFEED_JOB_ROUND_ROBIN
+ASSIGNMENTS = ("any", "round_robin")
 
 
 @dataclass(frozen=True)
@@ -29,8 +31,13 @@ class Job:
     count: int
     start: int
     flags: int
+    stride: int
     gen: int
-    taken: int  # fresh tasks handed out so far (for post/freeze: by the job before)
+    taken: int  # fresh tasks handed out so far (for post/freeze: by the job before; not round robin)
+
+    @property
+    def round_robin(self) -> bool:
+        return bool(self.flags & JOB_ROUND_ROBIN)
 
 
 @dataclass(frozen=True)
@@ -52,10 +59,13 @@ class Record:
     busy_ns: int
     batches: int
     pid: int
+    next_gen: int  # round robin: the job generation and task number it takes next
+    next_k: int
 
 
 def _job(j) -> Job:
-    return Job(int(j.epoch), int(j.base_seq), int(j.count), int(j.start), int(j.flags), int(j.gen), int(j.taken))
+    return Job(int(j.epoch), int(j.base_seq), int(j.count), int(j.start), int(j.flags), int(j.stride), int(j.gen),
+               int(j.taken))
 
 
 class WorkArea:
@@ -68,10 +78,15 @@ class WorkArea:
 
     # ---- the feed's side ---------------------------------------------------
 
-    def post(self, epoch: int, base_seq: int, count: int, *, start: int = 0, resume: bool = False) -> Job:
-        """Publish a job; producers start on it at once. Returns it (``taken``: by the previous job)."""
+    def post(self, epoch: int, base_seq: int, count: int, *, start: int = 0, resume: bool = False,
+             round_robin: int = 0) -> Job:
+        """Publish a job; producers start on it at once. Returns it (``taken``: by the previous job).
+
+        ``round_robin=W``: task k is made by the producer at record ``k % W`` only.
+        """
+        flags = (JOB_RESUME if resume else 0) | (JOB_ROUND_ROBIN if round_robin else 0)
         j = ffi.new("shmfeed_job *", {"epoch": epoch, "base_seq": base_seq, "count": count, "start": start,
-                                      "flags": JOB_RESUME if resume else 0})
+                                      "flags": flags, "stride": round_robin})
         check(lib.shmfeed_job_post(self.ring._live(), j), f"posting the work of epoch {epoch}")
         return _job(j)
 
@@ -100,7 +115,7 @@ class WorkArea:
         r = self._record
         check(lib.shmfeed_record_read(self.ring._live(), rec, r), f"reading producer record {rec}")
         return Record(int(r.owner), int(r.task) - 1 if r.task else None, bool(r.intent), int(r.since_ns),
-                      int(r.busy_ns), int(r.batches), int(r.pid))
+                      int(r.busy_ns), int(r.batches), int(r.pid), int(r.next_gen), int(r.next_k))
 
     def reset(self, rec: int) -> None:
         """Free record ``rec`` for a new producer (its previous one is dead and accounted for)."""

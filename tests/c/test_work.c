@@ -202,6 +202,52 @@ static int test_bad_arguments_and_queue_full(void)
     return 0;
 }
 
+static int test_round_robin_gives_each_record_its_own_tasks(void)
+{
+    shmfeed_ring *ring = make_ring(16, 0);
+    shmfeed_job job, frozen;
+    shmfeed_task t;
+    shmfeed_record rec;
+    CHECK(ring);
+    for (uint32_t r = 0; r < 3; r++)
+        CHECK_RC(shmfeed_record_open(ring, r, OWNER + r, 1), SHMFEED_OK);
+    memset(&job, 0, sizeof job);
+    job.base_seq = 20;
+    job.count = 8;
+    job.flags = SHMFEED_JOB_ROUND_ROBIN;
+    job.stride = 0;
+    CHECK_RC(shmfeed_job_post(ring, &job), SHMFEED_E_INVAL); /* a stride is needed */
+    job.stride = 3;
+    CHECK_RC(shmfeed_job_post(ring, &job), SHMFEED_OK);
+    /* Record 2 takes 2 and 5 only (k < 8), whatever the others do. */
+    CHECK_RC(shmfeed_take(ring, 2, 0, &t), SHMFEED_OK);
+    CHECK_EQ(t.k, 2);
+    CHECK_EQ(t.seq, 22);
+    CHECK_RC(shmfeed_task_done(ring, 2, 0), SHMFEED_OK);
+    CHECK_RC(shmfeed_take(ring, 2, 0, &t), SHMFEED_OK);
+    CHECK_EQ(t.k, 5);
+    CHECK_RC(shmfeed_task_done(ring, 2, 0), SHMFEED_OK);
+    CHECK_RC(shmfeed_take(ring, 2, 0, &t), SHMFEED_E_AGAIN);
+    CHECK_RC(shmfeed_take(ring, 0, 0, &t), SHMFEED_OK);
+    CHECK_EQ(t.k, 0);
+    CHECK_RC(shmfeed_task_done(ring, 0, 0), SHMFEED_OK);
+    CHECK_RC(shmfeed_record_read(ring, 0, &rec), SHMFEED_OK);
+    CHECK_EQ(rec.next_k, 3);
+    CHECK_EQ(rec.next_gen, job.gen);
+    /* A freeze stops fresh round-robin work too; the record keeps where it was. */
+    CHECK_RC(shmfeed_job_freeze(ring, &frozen), SHMFEED_OK);
+    CHECK_EQ(frozen.stride, 3);
+    CHECK_RC(shmfeed_take(ring, 0, 0, &t), SHMFEED_E_AGAIN);
+    CHECK_RC(shmfeed_take(ring, 1, 0, &t), SHMFEED_E_AGAIN);
+    /* A new job restarts every record at its own number. */
+    job.base_seq = 30;
+    CHECK_RC(shmfeed_job_post(ring, &job), SHMFEED_OK);
+    CHECK_RC(shmfeed_take(ring, 1, 0, &t), SHMFEED_OK);
+    CHECK_EQ(t.seq, 31);
+    CHECK_RC(shmfeed_ring_detach(ring), SHMFEED_OK);
+    return 0;
+}
+
 /* ---- racing takers: every task exactly once ------------------------------ */
 
 #define RACE_TASKS 200000u
@@ -268,6 +314,7 @@ int main(void)
     RUN(failures, test_reissued_first_smallest_first);
     RUN(failures, test_freeze_stops_fresh_work_keeps_reissued);
     RUN(failures, test_bad_arguments_and_queue_full);
+    RUN(failures, test_round_robin_gives_each_record_its_own_tasks);
     RUN(failures, test_racing_takers_take_each_task_once);
     return failures ? T_EXIT_FAIL : T_EXIT_PASS;
 }
