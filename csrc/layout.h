@@ -165,7 +165,8 @@ typedef struct shm_job {
     atomic_u64 start;        /* passed through to producers (their index mapping) */
     atomic_u64 flags;        /* SHMFEED_JOB_* */
     atomic_u64 stride;       /* round robin: producers; task k is record k % stride's */
-    uint64_t reserved[2];
+    atomic_u64 carry_gen;    /* SHMFEED_JOB_CARRY: records of this generation go on where they were */
+    uint64_t reserved[1];
 } shm_job;
 
 /* One per producer position (worker). The feed resets it before it starts

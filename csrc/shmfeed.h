@@ -140,7 +140,8 @@ int shmfeed_release(shmfeed_ring *ring, const shmfeed_acquired *acquired);
 
 enum {
     SHMFEED_JOB_RESUME = 1,       /* producers skip what the resumed state delivered */
-    SHMFEED_JOB_ROUND_ROBIN = 2   /* task k goes to record k % stride only (torch's assignment) */
+    SHMFEED_JOB_ROUND_ROBIN = 2,  /* task k goes to record k % stride only (torch's assignment) */
+    SHMFEED_JOB_CARRY = 4         /* round robin: the same job re-posted; records go on from carry_gen's */
 };
 
 /* A job: tasks k = 0 .. count-1 are batches base_seq + k of `epoch`. */
@@ -151,6 +152,7 @@ typedef struct shmfeed_job {
     uint64_t start;           /* passed through: where the producers' mapping starts */
     uint64_t flags;           /* SHMFEED_JOB_* */
     uint64_t stride;          /* round robin: the number of producer records taking part */
+    uint64_t carry_gen;       /* with SHMFEED_JOB_CARRY */
     uint64_t gen;             /* out: the generation the job was posted (or read) as */
     uint64_t taken;           /* out: tasks handed out (fresh, not re-issued) so far */
 } shmfeed_job;

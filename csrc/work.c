@@ -51,6 +51,7 @@ static void job_copy_out(const shm_job *j, uint64_t gen, shmfeed_job *out)
     out->start = load_relaxed64((atomic_u64 *)&j->start);
     out->flags = load_relaxed64((atomic_u64 *)&j->flags);
     out->stride = load_relaxed64((atomic_u64 *)&j->stride);
+    out->carry_gen = load_relaxed64((atomic_u64 *)&j->carry_gen);
     out->gen = gen;
 }
 
@@ -78,6 +79,7 @@ static int publish(shmfeed_ring *r, const shmfeed_job *job, uint64_t *gen_out, u
     store_relaxed64(&j->start, job->start);
     store_relaxed64(&j->flags, job->flags);
     store_relaxed64(&j->stride, job->stride);
+    store_relaxed64(&j->carry_gen, job->carry_gen);
     /* Publishes the descriptor; pairs with the taker's load_acquire of `next`.
      * The exchange also tells exactly how many tasks the old one handed out:
      * every later CAS against it fails. */
@@ -297,7 +299,9 @@ int shmfeed_take(shmfeed_ring *r, uint32_t rec, int64_t timeout_ns, shmfeed_task
         int rr = (job.flags & SHMFEED_JOB_ROUND_ROBIN) != 0;
         if (rr) { /* this record's own sequence of tasks: rec, rec + stride, ... */
             uint64_t nx = load_acquire64(&p->next);
-            k = task_gen(nx) == task_gen(w) ? task_k(nx) : rec;
+            int same_job = task_gen(nx) == task_gen(w) ||
+                           ((job.flags & SHMFEED_JOB_CARRY) && task_gen(nx) == job.carry_gen);
+            k = same_job ? task_k(nx) : rec;
         }
         if (k < job.count) {
             seq = job.base_seq + k;

@@ -99,6 +99,7 @@ class Supervisor(threading.Thread):
         self._deferred_error: tuple[errors.ProducerError, int] | None = None
         self._job = None            # the job posted last
         self._frozen: set[int] | None = None  # once the loop abandoned it: every seq it handed out
+        self._gens: set[int] = set()  # round robin: the generations the current job was posted as
         self._t0 = time.perf_counter()
         self.beat = time.monotonic()  # the watch thread's last round (a stuck Ray call stops it)
         self._no_producer_since: float | None = None
@@ -159,6 +160,7 @@ class Supervisor(threading.Thread):
             self.work.post(epoch, base_seq, count, start=start, resume=resume,
                            round_robin=len(self.positions) if round_robin else 0)
             self._job = self.work.current()
+            self._gens = {self._job.gen}
 
     def abandon(self) -> None:
         """The loop left the epoch early: hand out nothing more of it (re-issued work still goes)."""
@@ -166,9 +168,20 @@ class Supervisor(threading.Thread):
             if self._job is None or self._frozen is not None:
                 return
             frozen = self.work.freeze()
-            if self._job.round_robin:
+            job = self._job
+            if job.round_robin:
                 self._settle_takes()  # a take that saw the old job either ends holding its task or gives it back
-                self._frozen = self._handed_out()
+                handed = self._handed_out()
+                last = max(handed, default=job.base_seq - 1) - job.base_seq + 1
+                if self.ordered and len(handed) < last:
+                    # Producers took tasks up to `last` with gaps between (each its own numbers): an ordered
+                    # ring delivers in sequence, so the gaps are made too, each by its own producer, by
+                    # re-posting the job up to `last` with every record going on where it was.
+                    carried = self.work.post(job.epoch, job.base_seq, last, start=job.start, resume=bool(
+                        job.flags & 1), round_robin=job.stride, carry_gen=job.gen)
+                    self._gens.add(carried.gen)
+                    handed = set(range(job.base_seq, job.base_seq + last))
+                self._frozen = handed
             else:
                 self._frozen = set(range(self._job.base_seq, self._job.base_seq + frozen.taken))
 
@@ -186,11 +199,18 @@ class Supervisor(threading.Thread):
             return set(range(base, base + self.work.current().taken))
         seqs: set[int] = set()
         for p in self.positions:
-            rec = self.work.record(p.worker)
-            if rec.next_gen == job.gen:
-                seqs.update(range(base + p.worker, base + min(rec.next_k, job.count), job.stride))
-            if rec.task is not None and rec.task >= base:
-                seqs.add(rec.task)
+            seqs |= self._handed_out_by(p.worker)
+        return seqs
+
+    def _handed_out_by(self, worker: int) -> set[int]:
+        """Round robin: the seqs the producer at record ``worker`` took of the current job."""
+        job, base = self._job, self._job.base_seq
+        rec = self.work.record(worker)
+        seqs = set()
+        if rec.next_gen in self._gens:
+            seqs.update(range(base + worker, base + min(rec.next_k, job.count), job.stride))
+        if rec.task is not None and rec.task >= base:
+            seqs.add(rec.task)
         return seqs
 
     def _settle_takes(self) -> None:
@@ -360,14 +380,13 @@ class Supervisor(threading.Thread):
         if self._job is None:
             return []
         base = self._job.base_seq
-        handed_out = self._handed_out()  # 1. what was handed out
         rec = self.work.record(dead)
         candidates = set() if rec.task is None else {rec.task}
         if rec.intent:  # it died inside a take: any task handed out may be the one
             if self._job.round_robin:  # ... of its own: the others' records are theirs
-                candidates.update(s for s in handed_out if (s - base) % self._job.stride == dead)
+                candidates.update(self._handed_out_by(dead))
             else:
-                candidates.update(handed_out)
+                candidates.update(self._handed_out())  # 1. what was handed out
         candidates = {s for s in candidates if s >= base}  # earlier jobs were drained before this one
         if not candidates:
             return []

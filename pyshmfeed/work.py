@@ -21,6 +21,7 @@ from .ring import Ring
 MAX_PRODUCERS: int = lib.shmfeed_max_producers()
 JOB_RESUME = lib.SHMFEED_JOB_RESUME
 JOB_ROUND_ROBIN = lib.SHMFEED_JOB_ROUND_ROBIN
+JOB_CARRY = lib.SHMFEED_JOB_CARRY
 ASSIGNMENTS = ("any", "round_robin")
 
 
@@ -79,14 +80,17 @@ class WorkArea:
     # ---- the feed's side ---------------------------------------------------
 
     def post(self, epoch: int, base_seq: int, count: int, *, start: int = 0, resume: bool = False,
-             round_robin: int = 0) -> Job:
+             round_robin: int = 0, carry_gen: int | None = None) -> Job:
         """Publish a job; producers start on it at once. Returns it (``taken``: by the previous job).
 
-        ``round_robin=W``: task k is made by the producer at record ``k % W`` only.
+        ``round_robin=W``: task k is made by the producer at record ``k % W`` only;
+        ``carry_gen``: the same round-robin job again (smaller ``count``), each
+        record going on from where it was in generation ``carry_gen``.
         """
-        flags = (JOB_RESUME if resume else 0) | (JOB_ROUND_ROBIN if round_robin else 0)
+        flags = (JOB_RESUME if resume else 0) | (JOB_ROUND_ROBIN if round_robin else 0) | (
+            JOB_CARRY if carry_gen is not None else 0)
         j = ffi.new("shmfeed_job *", {"epoch": epoch, "base_seq": base_seq, "count": count, "start": start,
-                                      "flags": flags, "stride": round_robin})
+                                      "flags": flags, "stride": round_robin, "carry_gen": carry_gen or 0})
         check(lib.shmfeed_job_post(self.ring._live(), j), f"posting the work of epoch {epoch}")
         return _job(j)
 
