@@ -41,6 +41,7 @@ import contextlib
 import math
 import os
 import time
+import weakref
 from collections.abc import Iterator
 from typing import Any, Callable
 
@@ -198,7 +199,7 @@ class Feed:
         try:
             self._layouts = [SlotLayout(spec, self._ring.slot_buffer(i), self._ring.slot_bytes)
                              for i in range(slots)]
-            self._ray_lease = raylife.acquire(address, workers, num_cpus)
+            self._ray_lease = raylife.acquire(address, workers, num_cpus, closer=self.close)
             restarts = workers * 3 if max_restarts is None else max_restarts
             if self._segment_handout:
                 from .supervisor import Supervisor
@@ -209,7 +210,8 @@ class Feed:
                 self._dispatcher = Supervisor(
                     ring=self._ring, spec=spec, kind=self.kind, fn=self._fn, workers=workers, seed=self.seed,
                     task_index=task_index, ordered=ordered, num_cpus=num_cpus, lease=lease,
-                    max_restarts=restarts, actor_options=_actor_options or {}, delivered=self._delivered_now)
+                    max_restarts=restarts, actor_options=_actor_options or {},
+                    delivered=_weak_call(self._delivered_now, set))
             else:
                 from .dispatch import Dispatcher
 
@@ -515,6 +517,17 @@ class Feed:
             self.close()
         except Exception:
             pass
+
+
+def _weak_call(method: Callable[[], Any], default: Callable[[], Any]) -> Callable[[], Any]:
+    """``method`` without keeping its object alive: the supervisor's thread must not keep a dropped
+    feed from being garbage-collected (and so closed) — feeds made and dropped in a loop."""
+    ref = weakref.WeakMethod(method)
+
+    def call() -> Any:
+        bound = ref()
+        return default() if bound is None else bound()
+    return call
 
 
 def _check_state(state: dict, feed: Feed) -> dict:

@@ -10,10 +10,13 @@ one's close never takes the cluster from under another.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import math
 import os
 import threading
+import weakref
+from typing import Any, Callable
 
 _lock = threading.RLock()
 _leases = 0
@@ -24,11 +27,29 @@ _started = False  # pyshmfeed called ray.init (and so owns the shutdown)
 _OWN_RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
-class Lease:
-    """Proof that a feed uses Ray; ``release()`` once (idempotent)."""
+_open: "weakref.WeakSet[Lease]" = weakref.WeakSet()
+_exit_hook_for: int | None = None  # id of the Ray session whose shutdown our exit hook precedes
 
-    def __init__(self) -> None:
+
+class Lease:
+    """Proof that a feed uses Ray; ``release()`` once (idempotent).
+
+    ``closer`` (held weakly) runs at interpreter exit if the lease is still
+    held then, *before* Ray's own exit handler shuts Ray down: a feed still
+    open at exit stops its producers while Ray can still be asked to.
+    """
+
+    def __init__(self, closer: Callable[[], Any] | None = None) -> None:
         self._held = True
+        self._closer = weakref.WeakMethod(closer) if closer is not None else None
+        _open.add(self)
+
+    def close_owner(self) -> None:
+        owner = self._closer() if self._closer is not None else None
+        if owner is not None:
+            with contextlib.suppress(Exception):
+                owner()
+        self.release()
 
     def release(self) -> None:
         global _leases, _started
@@ -45,9 +66,9 @@ class Lease:
                     ray.shutdown()
 
 
-def acquire(address: str | None, workers: int, num_cpus: float) -> Lease:
+def acquire(address: str | None, workers: int, num_cpus: float, closer: Callable[[], Any] | None = None) -> Lease:
     """Use the running Ray, or join ``address``, or start a small local one; counted until released."""
-    global _leases, _started
+    global _leases, _started, _exit_hook_for
     import ray
 
     with _lock:
@@ -62,8 +83,40 @@ def acquire(address: str | None, workers: int, num_cpus: float) -> Lease:
                     ray.init(address="local", num_cpus=cpus, include_dashboard=False, configure_logging=True,
                              logging_level="warning")
             _started = True
+        if _exit_hook_for != id(ray._private.worker.global_worker.core_worker):  # noqa: SLF001
+            # atexit runs last-registered first: registered after ray.init, ours runs before Ray's.
+            atexit.register(_close_open_feeds)
+            _exit_hook_for = id(ray._private.worker.global_worker.core_worker)  # noqa: SLF001
         _leases += 1
-        return Lease()
+        return Lease(closer)
+
+
+def _close_open_feeds() -> None:
+    for lease in list(_open):
+        lease.close_owner()
+
+
+def dead_processes() -> list[str]:
+    """Ray's own processes (raylet, GCS) that this process started and that have died since.
+
+    Only a Ray started from this process (by pyshmfeed or by the user's ``ray.init()``) has
+    them as children; for a joined cluster this is always empty (the feed then notices
+    that no producer runs any more).
+    """
+    try:
+        import ray
+
+        node = ray._private.worker._global_node  # noqa: SLF001 -- the only handle on Ray's processes
+        processes = node.all_processes if node is not None else {}
+    except Exception:
+        return []
+    dead = []
+    for name in ("raylet", "gcs_server"):
+        for info in processes.get(name, []):
+            proc = getattr(info, "process", None)
+            if proc is not None and proc.poll() is not None:
+                dead.append(f"{name} (pid {proc.pid})")
+    return dead
 
 
 def leases() -> int:

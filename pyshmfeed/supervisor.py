@@ -36,7 +36,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from . import errors
+from . import errors, raylife
 from ._ffi import lib
 from .producer import Producer
 from .ring import CLOSE_FAILED, CLOSE_PRODUCER_ERROR, Ring, process_alive
@@ -103,6 +103,7 @@ class Supervisor(threading.Thread):
         self._t0 = time.perf_counter()
         self.beat = time.monotonic()  # the watch thread's last round (a stuck Ray call stops it)
         self._no_producer_since: float | None = None
+        self._ray_checked = 0.0
         options = {"num_cpus": num_cpus, "max_restarts": 0, "max_task_retries": 0,
                    "scheduling_strategy": NodeAffinitySchedulingStrategy(
                        node_id=ray.get_runtime_context().get_node_id(), soft=False)}
@@ -247,6 +248,11 @@ class Supervisor(threading.Thread):
         self._stopping.set()
         if self.is_alive() and threading.current_thread() is not self:
             self.join(timeout=5)
+        if raylife.dead_processes():
+            # Ray is gone: its calls would only time out. Its workers are our producers: kill them.
+            for pid in {pid for p in self.positions for pid in p.pids}:
+                wait_dead(pid, polite_s=0.0)
+            return
         pending = {p.ready_ref: p for p in self.positions if p.ready_ref is not None}
         if pending:  # still starting: learn their pids, so we can make sure they are gone
             with contextlib.suppress(Exception):
@@ -312,11 +318,19 @@ class Supervisor(threading.Thread):
         self._check_ray_alive()
 
     def _check_ray_alive(self) -> None:
-        """No producer alive and none coming for RAY_LOST_S: a Ray that cannot start actors any more."""
+        """Ray's processes gone, or no producer alive and none coming for RAY_LOST_S: fail the feed."""
+        now = time.monotonic()
+        if now - self._ray_checked > 0.5:
+            self._ray_checked = now
+            dead = raylife.dead_processes()
+            if dead:
+                self._fail(errors.ShmfeedError(
+                    f"Ray died under the feed ({', '.join(dead)} exited): its producers cannot run or be "
+                    "replaced. Close the feed (and Ray); check the Ray logs for why"))
+                return
         if any(p.pid is not None and not p.finished for p in self.positions):
             self._no_producer_since = None
             return
-        now = time.monotonic()
         if self._no_producer_since is None:
             self._no_producer_since = now
         elif now - self._no_producer_since > RAY_LOST_S and not all(p.finished for p in self.positions):
