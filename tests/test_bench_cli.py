@@ -24,7 +24,7 @@ TOP_FIELDS = {"date", "machine", "versions", "workload", "total_s", "ray", "cold
 ROW_FIELDS = {"key", "label", "how", "status", "message", "batches_run", "import_s", "extra", "waits_s",
               "batches", "steady_batches", "time_to_first_batch_s", "wall_s", "wait_mean_s", "wait_p50_s",
               "wait_p99_s", "wait_max_s", "wait_mean_all_s", "stall_fraction", "batches_per_s",
-              "wait_vs_sequential", "wait_vs_pyshmfeed"}
+              "wait_vs_sequential", "wait_vs_pyshmfeed", "cpu_ms_per_1000", "rate_vs_limit", "wall_vs_limit"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -118,11 +118,28 @@ def test_steady_state_leaves_out_the_warmup_and_first_batch_time_is_apart():
 
 @pytest.mark.parametrize("args, message", [
     (["--only", "nonesuch"], "unknown pipeline 'nonesuch'"),
-    (["--skip", "sequential,tfdata,mpqueue,torch,ray,pyshmfeed"], "left no pipeline"),
+    (["--skip", "bare-ring,sequential,tfdata,mpqueue,torch,ray,pyshmfeed"], "left no pipeline"),
 ])
 def test_bad_selection_is_a_clear_error_before_anything_runs(args, message, capsys):
     assert cli.main(["bench", *TINY, *args]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.timeout(240)
+def test_small_preset_judges_the_data_plane_targets_against_the_bare_ring(ray_session, tmp_path, capsys):
+    out = tmp_path / "small.json"
+    status = cli.main(["bench", "--preset", "small", "--batches", "300", "--warmup", "20", "--no-progress",
+                       "--no-cold-start", "--only", "bare-ring,mpqueue,pyshmfeed-fill", "--json", str(out)])
+    result = json.loads(out.read_text())
+    assert status == 0, capsys.readouterr().out
+    w = result["workload"]
+    assert (w["preset"], w["shape"], w["io_sleep"], w["step"], w["data"]) == ("small", [16384], 0.0, 0.0, "index")
+    rows = {r["key"]: r for r in result["rows"]}
+    assert rows["bare-ring"]["rate_vs_limit"] == pytest.approx(1.0)
+    assert rows["pyshmfeed-fill"]["cpu_ms_per_1000"] > 0
+    targets = [t["target"] for t in result["targets"]]
+    assert any("bare-ring" in t for t in targets) and any("CPU" in t for t in targets)
+    assert all(isinstance(t["met"], bool) for t in result["targets"])  # judged, whatever the verdict here
 
 
 def test_bad_shape_is_rejected_by_the_parser(capsys):
