@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import collections
 import os
-import signal
 import threading
 import time
 from typing import TYPE_CHECKING, Any
 
 from . import errors
+from .procs import wait_dead
 from .producer import Producer
 from .ring import CLOSE_FAILED, CLOSE_PRODUCER_ERROR, process_alive
 
@@ -373,23 +373,6 @@ class Dispatcher(threading.Thread):
         base = worker << 32
         positions = [s - base for s in committed if base <= s < base + (1 << 32)]
         return max(self._shard_skip.get(worker, 0), max(positions) + 1 if positions else 0)
-
-
-def wait_dead(pid: int | None) -> None:
-    """Make sure a producer process is gone (a SIGSTOPped one ignores polite requests)."""
-    if pid is None:
-        return
-    deadline = time.monotonic() + 1.0
-    while process_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    if process_alive(pid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-    deadline = time.monotonic() + 10
-    while process_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
 
 
 def is_actor_death(ray, exc: BaseException) -> bool:

@@ -66,6 +66,7 @@ import numpy as np
 import ray
 
 from . import errors
+from .procs import wait_dead
 from .producer import Producer, _error_record
 from .ring import Ring, RingHandle, new_owner_token
 import contextlib
@@ -370,8 +371,6 @@ class ClusterPlacement:
 
     def _replace_ingest(self) -> None:
         """Kill the ingest, wait for its process, reclaim its claims in the ring, start another."""
-        from .dispatch import wait_dead
-
         ident = self.ingest_identity or {}
         # If it died with its counters, the totals miss what it did since the last stats().
         with contextlib.suppress(Exception):
@@ -403,8 +402,6 @@ class ClusterPlacement:
 
     def stop(self) -> None:
         """After the producers are gone: keep the final stats, kill the ingest, wait for its process."""
-        from .dispatch import wait_dead
-
         if self.ingest is None:
             return
         s = collections.Counter(self._past)

@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import threading
 import time
 from typing import Any, Callable
 
 from . import errors, raylife
 from ._ffi import lib
+from .procs import wait_dead
 from .producer import Producer
 from .ring import CLOSE_FAILED, CLOSE_PRODUCER_ERROR, Ring, process_alive
 from .spec import BatchSpec
@@ -431,20 +431,3 @@ class Supervisor(threading.Thread):
             if rec.task is not None:
                 held.add(rec.task)
         return held
-
-
-def wait_dead(pid: int | None, polite_s: float = 1.0) -> None:
-    """Make sure a producer process is gone (a SIGSTOPped one ignores polite requests)."""
-    if pid is None:
-        return
-    deadline = time.monotonic() + polite_s
-    while process_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    if process_alive(pid):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            return
-    deadline = time.monotonic() + 10
-    while process_alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.02)

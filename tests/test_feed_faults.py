@@ -100,6 +100,7 @@ def test_ray_kill_and_sigkill_from_outside_while_the_epoch_runs(ray_session, kin
     fds_before = ring_fds()
     with new_feed(kind, slow=True, ordered=ordered) as feed:
         d = feed._dispatcher
+        wait_started(feed)  # producers start concurrently: know both pids before killing them
         killed = []
         got = []
         for batch in feed.epoch(0):
