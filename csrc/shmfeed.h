@@ -178,7 +178,7 @@ typedef struct shmfeed_record {
     uint64_t busy_ns;
     uint64_t batches;
     uint32_t pid;
-    uint32_t reserved;
+    uint32_t stop;            /* a stop was requested (shmfeed_record_stop) */
     uint64_t next_gen;        /* round robin: the job generation and ... */
     uint64_t next_k;          /* ... task number it takes next */
 } shmfeed_record;
@@ -193,6 +193,9 @@ int shmfeed_reissue(shmfeed_ring *ring, uint64_t seq);
 /* The queued re-issued seqs (up to cap) and their number. */
 int shmfeed_reissue_read(const shmfeed_ring *ring, uint64_t *seqs, uint32_t cap, uint32_t *n_out);
 int shmfeed_record_reset(shmfeed_ring *ring, uint32_t rec);
+/* Ask the producer at rec to stop: its next take (or the one it sleeps in)
+ * returns SHMFEED_E_CLOSED; a task it holds is finished first. */
+int shmfeed_record_stop(shmfeed_ring *ring, uint32_t rec);
 int shmfeed_record_read(const shmfeed_ring *ring, uint32_t rec, shmfeed_record *out);
 int shmfeed_max_producers(void);
 /* Producer side: take the next task (re-issued first), then claim/commit

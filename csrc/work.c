@@ -171,7 +171,17 @@ int shmfeed_record_reset(shmfeed_ring *r, uint32_t rec)
     store_relaxed64(&p->intent, 0);
     store_relaxed64(&p->since_ns, 0);
     store_relaxed32(&p->pid, 0);
+    store_relaxed32(&p->stop, 0);
     store_release64(&p->owner, 0);
+    return SHMFEED_OK;
+}
+
+int shmfeed_record_stop(shmfeed_ring *r, uint32_t rec)
+{
+    if (!r || rec >= SHMFEED_MAX_PRODUCERS)
+        return SHMFEED_E_INVAL;
+    store_release32(&ring_work(r)->records[rec].stop, 1);
+    wake_takers(r); /* a producer asleep in take() sees it now */
     return SHMFEED_OK;
 }
 
@@ -189,7 +199,7 @@ int shmfeed_record_read(const shmfeed_ring *r, uint32_t rec, shmfeed_record *out
     out->busy_ns = load_relaxed64(&p->busy_ns);
     out->batches = load_relaxed64(&p->batches);
     out->pid = load_relaxed32(&p->pid);
-    out->reserved = 0;
+    out->stop = load_relaxed32(&p->stop);
     uint64_t nx = load_acquire64(&p->next);
     out->next_gen = task_gen(nx);
     out->next_k = task_k(nx);
@@ -276,7 +286,7 @@ int shmfeed_take(shmfeed_ring *r, uint32_t rec, int64_t timeout_ns, shmfeed_task
         return SHMFEED_E_STATE; /* record_open first */
     clock_begin(&c, timeout_ns);
     for (;;) {
-        if (is_closed(r))
+        if (is_closed(r) || load_acquire32(&p->stop))
             return SHMFEED_E_CLOSED;
         uint32_t seen = load_acquire32(&wk->posted.count);
         uint64_t w = load_acquire64(&wk->next); /* pairs with publish()'s exchange */

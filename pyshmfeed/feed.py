@@ -51,6 +51,8 @@ from . import errors, raylife
 from .ring import CLOSE_NORMAL, ConsumerSlot, Ring
 from .spec import Batch, BatchSpec, SlotLayout
 from .stats import FeedStats
+from ._ffi import check, ffi, lib
+from .autotune import parse_bytes, ring_slots
 from .work import ASSIGNMENTS, MAX_PRODUCERS, TaskIndex, epoch_order, epoch_positions
 
 STATE_VERSION = 1
@@ -94,7 +96,9 @@ class Feed:
     """
 
     def __init__(self, spec: BatchSpec, *, fill: Callable | None = None, make: Callable | None = None,
-                 shards: Callable | None = None, length: int | None = None, workers: int = 4,
+                 shards: Callable | None = None, length: int | None = None,
+                 workers: int | str | tuple[int, int] = 4, min_workers: int | None = None,
+                 max_workers: int | None = None, memory_budget: int | str | None = None,
                  slots: int | None = None, ordered: bool = True, shuffle: bool = False, seed: int = 0,
                  prefetch: int = 2, num_cpus: float = 0.25, address: str | None = None,
                  lease: float | None = 600.0, max_restarts: int | None = None, chunk: int | None = None,
@@ -129,14 +133,24 @@ class Feed:
         elif shuffle:
             raise errors.InvalidArgument("shuffle applies to indexed sources (fill/make); shuffle inside "
                                          "your shards generator instead")
-        if not isinstance(workers, int) or isinstance(workers, bool) or workers <= 0:
-            raise errors.InvalidArgument(f"workers must be a positive int, got {workers!r}")
+        bounds = _autotune_bounds(workers, min_workers, max_workers)  # NOTE [autotune]
+        if bounds is not None:
+            workers = min(bounds[1], max(bounds[0], os.cpu_count() or 1))  # where the controller starts
+        elif not isinstance(workers, int) or isinstance(workers, bool) or workers <= 0:
+            raise errors.InvalidArgument(f"workers must be a positive int, 'auto' or (min, max), got {workers!r}")
+        positions = bounds[1] if bounds is not None else workers
         if not isinstance(prefetch, int) or prefetch < 0:
             raise errors.InvalidArgument(f"prefetch must be an int >= 0, got {prefetch!r}")
-        slots = max(2 * workers, prefetch + 2) if slots is None else slots
+        budget = parse_bytes(memory_budget) if memory_budget is not None else None
+        if slots is None:
+            slots = ring_slots(slot_bytes=spec.slot_bytes, budget=budget, want=2 * positions, at_least=prefetch + 2,
+                               size_for=lambda n: _ring_bytes(n, spec.slot_bytes))
         if not isinstance(slots, int) or slots < prefetch + 2:
             raise errors.InvalidArgument(f"slots={slots!r} must be an int >= prefetch + 2 = {prefetch + 2}: "
                                          "the loop holds one batch and prefetch more while producers fill the rest")
+        if budget is not None and _ring_bytes(slots, spec.slot_bytes) > budget:
+            raise errors.InvalidArgument(f"slots={slots} of {spec.slot_bytes} bytes need "
+                                         f"{_ring_bytes(slots, spec.slot_bytes)} bytes, over memory_budget={budget}")
         if not (isinstance(num_cpus, (int, float)) and num_cpus >= 0):
             raise errors.InvalidArgument(f"num_cpus must be >= 0, got {num_cpus!r}")
         if lease is not None and not (isinstance(lease, (int, float)) and math.isfinite(lease) and lease > 0):
@@ -168,8 +182,14 @@ class Feed:
             raise errors.InvalidArgument("assignment='round_robin' needs a fill or make source with "
                                          "placement='node'")
         self.assignment = assignment
-        if self._segment_handout and workers > MAX_PRODUCERS:
-            raise errors.InvalidArgument(f"workers={workers}: a ring serves at most {MAX_PRODUCERS} producers "
+        if bounds is not None and assignment == "round_robin":
+            raise errors.InvalidArgument("assignment='round_robin' fixes which producer makes each batch: "
+                                         "give a fixed number of workers, not 'auto'")
+        # Autotune moves producers in and out of the segment's records; shards and remote producers
+        # keep the number it starts with.
+        self._autotune = bounds if self._segment_handout else None
+        if self._segment_handout and positions > MAX_PRODUCERS:
+            raise errors.InvalidArgument(f"workers={positions}: a ring serves at most {MAX_PRODUCERS} producers "
                                          "on its node")
         self.spec = spec
         self.length = length
@@ -182,6 +202,7 @@ class Feed:
         self.shuffle = shuffle
         self.seed = int(seed)
         self.prefetch = prefetch
+        self.memory_budget = budget
         self.chunk = chunk or (1 if self.kind == "shards" else max(1, min(8, slots // (2 * workers))))
         self._resume = _check_state(state, self) if state is not None else None
         self._stats = FeedStats(spec.batch_bytes)
@@ -199,19 +220,25 @@ class Feed:
         try:
             self._layouts = [SlotLayout(spec, self._ring.slot_buffer(i), self._ring.slot_bytes)
                              for i in range(slots)]
-            self._ray_lease = raylife.acquire(address, workers, num_cpus, closer=self.close)
-            restarts = workers * 3 if max_restarts is None else max_restarts
+            self._ray_lease = raylife.acquire(address, positions, num_cpus, closer=self.close)
+            restarts = positions * 3 if max_restarts is None else max_restarts
             if self._segment_handout:
                 from .supervisor import Supervisor
 
                 skip = frozenset(int(i) for i in (self._resume or {}).get("delivered", ()))
                 task_index = TaskIndex(length, seed=self.seed, shuffle=shuffle, ordered=ordered, rank=rank,
                                        world_size=world_size, resume_skip=skip)
+                controller = None
+                if self._autotune is not None:
+                    from .autotune import Controller
+
+                    controller = Controller(*self._autotune)
                 self._dispatcher = Supervisor(
-                    ring=self._ring, spec=spec, kind=self.kind, fn=self._fn, workers=workers, seed=self.seed,
+                    ring=self._ring, spec=spec, kind=self.kind, fn=self._fn, workers=positions, seed=self.seed,
                     task_index=task_index, ordered=ordered, num_cpus=num_cpus, lease=lease,
                     max_restarts=restarts, actor_options=_actor_options or {},
-                    delivered=_weak_call(self._delivered_now, set))
+                    delivered=_weak_call(self._delivered_now, set), active=workers, controller=controller,
+                    loop_counts=self._stats.counts)
             else:
                 from .dispatch import Dispatcher
 
@@ -438,13 +465,14 @@ class Feed:
     def stats(self) -> dict[str, Any]:
         """What the loop experienced: waits, stall fraction, throughput, producer busy, occupancy."""
         s = self._stats.summary()
+        s.update({"workers": self.workers, "slots": self.slots, "ordered": self.ordered,
+                  "source": self.kind, "staging": "cpu-view (zero copy)",
+                  "ring_bytes": _ring_bytes(self.slots, self.spec.slot_bytes), "memory_budget": self.memory_budget})
         d = self._dispatcher
         if d is not None:
-            s.update(d.summary())
+            s.update(d.summary())  # the workers running now, under autotune
         elif self._final_summary:
             s.update(self._final_summary)
-        s.update({"workers": self.workers, "slots": self.slots, "ordered": self.ordered,
-                  "source": self.kind, "staging": "cpu-view (zero copy)"})
         if d is not None and s.get("producer_wall_s"):
             s["producer_busy_fraction"] = min(1.0, s["producer_busy_s"] / (self.workers * s["producer_wall_s"]))
         if self._staging_stats is not None:
@@ -517,6 +545,35 @@ class Feed:
             self.close()
         except Exception:
             pass
+
+
+def _autotune_bounds(workers: Any, min_workers: Any, max_workers: Any) -> tuple[int, int] | None:
+    """``(min, max)`` producers for ``workers="auto"`` or ``(min, max)``; None for a fixed number."""
+    if isinstance(workers, tuple) and len(workers) == 2:
+        if min_workers is not None or max_workers is not None:
+            raise errors.InvalidArgument(f"workers={workers!r} and min_workers/max_workers: give one or the other")
+        min_workers, max_workers = workers
+    elif workers != "auto":
+        if min_workers is not None or max_workers is not None:
+            raise errors.InvalidArgument("min_workers/max_workers bound workers='auto'; with a fixed number of "
+                                         f"workers ({workers!r}) leave them out")
+        return None
+    cores = os.cpu_count() or 1
+    lo = 1 if min_workers is None else min_workers
+    hi = min(MAX_PRODUCERS, max(16, 4 * cores)) if max_workers is None else max_workers
+    for name, v in (("min_workers", lo), ("max_workers", hi)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise errors.InvalidArgument(f"{name}={v!r} must be a positive int")
+    if lo > hi:
+        raise errors.InvalidArgument(f"min_workers={lo} > max_workers={hi}")
+    return lo, hi
+
+
+def _ring_bytes(slots: int, slot_bytes: int) -> int:
+    """The segment size of a ring of this shape (what memory_budget limits)."""
+    out = ffi.new("uint64_t *")
+    check(lib.shmfeed_ring_size_for(slots, slot_bytes, out), "sizing the ring")
+    return int(out[0])
 
 
 def _weak_call(method: Callable[[], Any], default: Callable[[], Any]) -> Callable[[], Any]:

@@ -25,13 +25,19 @@ class FeedStats:
         self.bytes = 0
         self.occupancy_sum = 0
         self.wall_s = 0.0
+        self.wait_total_s = 0.0  # running sums, read by the autotune controller from its thread
 
     def add_batch(self, wait_s: float, nbytes: int, ready_slots: int) -> None:
         if self.first_batch_s is None:
             self.first_batch_s = time.perf_counter() - self.created
         self.waits.append(wait_s)
+        self.wait_total_s += wait_s
         self.bytes += nbytes
         self.occupancy_sum += ready_slots
+
+    def counts(self) -> tuple[int, float]:
+        """Batches delivered so far and the loop's total wait for them (cheap; any thread)."""
+        return len(self.waits), self.wait_total_s
 
     def add_wall(self, seconds: float) -> None:
         self.wall_s += seconds

@@ -21,6 +21,12 @@ NOTE [supervision]
            record, start a replacement at the same position.
   errors   A source that raises ends its ``serve()`` with an error record:
            ordered feeds hold it until the loop has every batch before it.
+  scale    With ``workers="auto"`` (NOTE [autotune] in autotune.py) there
+           are ``max_workers`` positions, some idle; the watch thread runs
+           the controller every ``AUTOTUNE_S`` and starts producers at idle
+           positions or stops one cleanly: its record's stop flag ends its
+           takes, it finishes the batch it holds, its ``serve()`` returns and
+           the actor is killed. No task is lost or repeated by either.
   ray      If Ray itself dies, the producers die with it and no replacement
            starts: ``raise_if_failed`` says so within ``RAY_LOST_S``.
   stop     The feed closes the ring (every ``serve()`` returns), then
@@ -47,6 +53,7 @@ _TICK_S = 0.05          # how often the watch thread looks (nothing per batch)
 _SETTLE_S = 2.0         # a live producer's take in progress ends in nanoseconds; a paused one is leased out
 START_S = 300.0         # the first producer must be up by then
 RAY_LOST_S = 30.0       # no producer alive and none starting for this long: Ray is gone
+AUTOTUNE_S = 0.5        # the autotune controller's window
 
 
 class Position:
@@ -62,6 +69,9 @@ class Position:
         self.pids: list[int] = []    # every incarnation's pid, oldest first (tests, stop())
         self.started_at = time.monotonic()
         self.finished = False        # serve() returned: the ring closed, or its source raised
+        self.active = True           # autotune: a position may be idle (no producer there)
+        self.stopping = False        # autotune: asked to stop after its current batch
+        self.busy_seen = (0, 0)      # (owner, busy_ns) at the controller's last look
 
     @property
     def identity(self) -> dict[str, int] | None:
@@ -74,7 +84,9 @@ class Supervisor(threading.Thread):
 
     def __init__(self, *, ring: Ring, spec: BatchSpec, kind: str, fn: Callable[..., Any], workers: int,
                  seed: int, task_index: TaskIndex, ordered: bool, num_cpus: float, lease: float | None,
-                 max_restarts: int, actor_options: dict, delivered: Callable[[], set[int]]) -> None:
+                 max_restarts: int, actor_options: dict, delivered: Callable[[], set[int]],
+                 active: int | None = None, controller: Any = None,
+                 loop_counts: Callable[[], tuple[int, float]] | None = None) -> None:
         super().__init__(name="pyshmfeed-supervisor", daemon=True)
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -110,9 +122,14 @@ class Supervisor(threading.Thread):
         options.update(actor_options)
         self._actor_cls = ray.remote(Producer).options(**options)
         self.positions = [Position(w) for w in range(workers)]
+        self.controller = controller  # autotune.Controller, or None: a fixed number of producers
+        self._loop_counts = loop_counts
+        self._window: tuple[float, int, float, Any] | None = None
         for p in self.positions:
             self.work.reset(p.worker)
-            self._start(p)
+            p.active = active is None or p.worker < active
+            if p.active:
+                self._start(p)
         self._await_first(num_cpus)
 
     def _start(self, p: Position) -> None:
@@ -126,7 +143,7 @@ class Supervisor(threading.Thread):
 
     def _await_first(self, num_cpus: float) -> None:
         ray = self._ray
-        starting = {p.ready_ref: p for p in self.positions}
+        starting = {p.ready_ref: p for p in self.positions if p.ready_ref is not None}
         done, _ = ray.wait(list(starting), num_returns=1, timeout=START_S)
         if not done:
             raise errors.ShmfeedError(f"no producer started within {START_S:g} s; is the Ray cluster out of "
@@ -240,8 +257,17 @@ class Supervisor(threading.Thread):
         for p in self.positions:
             with contextlib.suppress(errors.ShmfeedError):
                 busy_ns += self.work.record(p.worker).busy_ns
-        return {"restarts": self.restarts, "reissued": self.reissued, "producer_busy_s": busy_ns / 1e9,
-                "producer_wall_s": time.perf_counter() - self._t0, "handout": "segment"}
+        s = {"restarts": self.restarts, "reissued": self.reissued, "producer_busy_s": busy_ns / 1e9,
+             "producer_wall_s": time.perf_counter() - self._t0, "handout": "segment",
+             "workers": self.workers_running()}
+        if self.controller is not None:
+            s["autotune"] = {"min_workers": self.controller.min_workers, "max_workers": self.controller.max_workers,
+                             "decisions": [d.as_dict() for d in self.controller.decisions]}
+        return s
+
+    def workers_running(self) -> int:
+        """Producer positions with a producer (running or starting), not counting ones being stopped."""
+        return sum(1 for p in self.positions if p.active and not p.stopping)
 
     def stop(self) -> None:
         """After the ring was closed: stop watching, kill the actors, wait (boundedly) for their pids."""
@@ -306,6 +332,8 @@ class Supervisor(threading.Thread):
                 self._on_returned(p, result)
         now_ns = lib.shmfeed_now_ns()
         for p in self.positions:
+            if not p.active:
+                continue
             if p.pid is not None and not p.finished and not process_alive(p.pid):
                 self._on_death(p)
             elif p.pid is not None and self.lease is not None and not p.finished:
@@ -316,6 +344,68 @@ class Supervisor(threading.Thread):
                         ray.kill(p.actor, no_restart=True)
                     self._on_death(p)
         self._check_ray_alive()
+        if self.controller is not None:
+            self._autotune()
+
+    # ---- autotune (NOTE [autotune]) ----------------------------------------------
+
+    def _autotune(self) -> None:
+        now = time.monotonic()
+        if self._window is None:
+            from .autotune import IdleCores
+
+            batches, wait = self._loop_counts()
+            self._window = (now, batches, wait, IdleCores())
+            return
+        t0, b0, w0, idle = self._window
+        if now - t0 < AUTOTUNE_S:
+            return
+        from .autotune import Window
+
+        batches, wait = self._loop_counts()
+        busy_ns = 0
+        for p in self.positions:
+            if p.active and p.owner is not None:
+                rec = self.work.record(p.worker)
+                owner, seen = p.busy_seen
+                busy_ns += rec.busy_ns - (seen if owner == rec.owner else 0)
+                p.busy_seen = (rec.owner, rec.busy_ns)
+        running = sum(1 for p in self.positions if p.active and p.pid is not None and not p.stopping)
+        window = Window(now - t0, batches - b0, wait - w0, busy_ns / 1e9, running, idle.sample())
+        self._window = (now, batches, wait, idle)
+        if running < self.workers_running():
+            return  # producers still starting: judge the last change once they run
+        change = self.controller.decide(window, running)
+        for _ in range(max(0, change)):
+            self._add_producer()
+        for _ in range(max(0, -change)):
+            self._stop_producer()
+
+    def _add_producer(self) -> None:
+        for p in self.positions:
+            if not p.active:
+                self.work.reset(p.worker)
+                p.active, p.stopping, p.finished = True, False, False
+                self._start(p)
+                return
+
+    def _stop_producer(self) -> None:
+        """A clean stop of the newest producer: it finishes its batch, then its serve() returns."""
+        for p in reversed(self.positions):
+            if p.active and not p.stopping:
+                p.stopping = True
+                self.work.stop(p.worker)
+                return
+
+    def _retire(self, p: Position) -> None:
+        """A stopped producer's serve() returned: its process goes, its position is idle again."""
+        with contextlib.suppress(Exception):
+            self._ray.kill(p.actor, no_restart=True)
+        wait_dead(p.pid)
+        self.work.reset(p.worker)
+        p.actor = p.ready_ref = p.serve_ref = None
+        p.pid = p.owner = None
+        p.active = p.stopping = False
 
     def _check_ray_alive(self) -> None:
         """Ray's processes gone, or no producer alive and none coming for RAY_LOST_S: fail the feed."""
@@ -340,6 +430,9 @@ class Supervisor(threading.Thread):
 
     def _on_returned(self, p: Position, result: dict[str, Any]) -> None:
         p.serve_ref = None
+        if p.stopping and result.get("closed"):
+            self._retire(p)
+            return
         if result.get("closed"):
             p.finished = True
             return
@@ -381,6 +474,10 @@ class Supervisor(threading.Thread):
             self.work.reset(p.worker)
         p.pid = p.owner = None
         p.serve_ref = p.ready_ref = None
+        if p.stopping:  # it was being stopped anyway: its position goes idle, no replacement
+            p.active = p.stopping = False
+            p.actor = None
+            return
         if self.restarts_left <= 0:
             self._fail(errors.ProducerLost(f"producer {p.worker} died and no restarts are left "
                                            f"({self.restarts} used); see the Ray logs for why it died"))

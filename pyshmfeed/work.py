@@ -62,6 +62,7 @@ class Record:
     pid: int
     next_gen: int  # round robin: the job generation and task number it takes next
     next_k: int
+    stop: bool     # a stop was requested
 
 
 def _job(j) -> Job:
@@ -119,11 +120,15 @@ class WorkArea:
         r = self._record
         check(lib.shmfeed_record_read(self.ring._live(), rec, r), f"reading producer record {rec}")
         return Record(int(r.owner), int(r.task) - 1 if r.task else None, bool(r.intent), int(r.since_ns),
-                      int(r.busy_ns), int(r.batches), int(r.pid), int(r.next_gen), int(r.next_k))
+                      int(r.busy_ns), int(r.batches), int(r.pid), int(r.next_gen), int(r.next_k), bool(r.stop))
 
     def reset(self, rec: int) -> None:
         """Free record ``rec`` for a new producer (its previous one is dead and accounted for)."""
         check(lib.shmfeed_record_reset(self.ring._live(), rec), f"resetting producer record {rec}")
+
+    def stop(self, rec: int) -> None:
+        """Ask the producer at ``rec`` to stop once its current task is made (its takes end)."""
+        check(lib.shmfeed_record_stop(self.ring._live(), rec), f"stopping producer record {rec}")
 
     # ---- a producer's side -------------------------------------------------
 

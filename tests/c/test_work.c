@@ -196,6 +196,14 @@ static int test_bad_arguments_and_queue_full(void)
     CHECK(pushed >= cap);
     CHECK_RC(shmfeed_record_reset(ring, 0), SHMFEED_OK);
     CHECK_RC(shmfeed_record_open(ring, 0, OWNER + 1, 1), SHMFEED_OK);
+    CHECK_RC(shmfeed_record_open(ring, 1, OWNER + 2, 1), SHMFEED_OK);
+    CHECK_RC(shmfeed_record_stop(ring, 1), SHMFEED_OK); /* a clean stop: no more tasks for record 1 */
+    CHECK_RC(shmfeed_take(ring, 1, 0, &t), SHMFEED_E_CLOSED);
+    CHECK_RC(shmfeed_record_read(ring, 1, &rec), SHMFEED_OK);
+    CHECK_EQ(rec.stop, 1);
+    CHECK_RC(shmfeed_record_reset(ring, 1), SHMFEED_OK); /* and a new producer may start there */
+    CHECK_RC(shmfeed_record_read(ring, 1, &rec), SHMFEED_OK);
+    CHECK_EQ(rec.stop, 0);
     CHECK_RC(shmfeed_close(ring, 1, "done"), SHMFEED_OK);
     CHECK_RC(shmfeed_take(ring, 0, 0, &t), SHMFEED_E_CLOSED);
     CHECK_RC(shmfeed_ring_detach(ring), SHMFEED_OK);

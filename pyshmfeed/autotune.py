@@ -1,0 +1,197 @@
+"""Autotune: how many producers a feed runs, and how deep its ring is, within a memory budget.
+
+NOTE [autotune]
+  ring     Sized once, at creation, from the batch size and the budget: the
+           ring is reserved (and page-locked for CUDA) up front, and growing it
+           would mean a new segment and re-attaching every producer. Depth is
+           what absorbs producer jitter; with ordered hand-out a producer also
+           takes a task only once its slot is free, so ``slots`` bounds the
+           batches in flight. We take 2 × max_workers slots (every producer
+           one batch in the making and one ready), fewer if the budget says
+           so, never fewer than prefetch + 2.
+  workers  A controller, run by the supervisor's watch thread every
+           ``interval`` seconds (nothing per batch), compares what the loop
+           and the producers did in that window:
+             - the loop waited (more than ``wait_tolerance`` of its wall time)
+               and producers are busy (> ``busy_high``) and the machine has an
+               idle core: add producers (more at once while the gap is large);
+             - after a change, throughput is compared with the window before
+               it: an add that did not raise batches/s by ``gain`` is taken
+               back (CPU-bound work on too few cores: producers only steal
+               CPU from each other), and adding pauses for ``hold`` windows;
+             - producers mostly idle (< ``busy_low``) while the loop does not
+               wait: remove one (a clean stop after its current batch).
+           Every decision is kept with its reason (``Controller.decisions``).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+
+from . import errors
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
+          "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
+
+
+def parse_bytes(value: int | str, what: str = "memory_budget") -> int:
+    """``256 * 2**20``, ``"256MiB"``, ``"2GiB"``, ``"1.5 GB"`` → bytes (``InvalidArgument`` otherwise)."""
+    if isinstance(value, bool):
+        raise errors.InvalidArgument(f"{what}={value!r}: give bytes (an int) or a size like '2GiB'")
+    if isinstance(value, int):
+        if value <= 0:
+            raise errors.InvalidArgument(f"{what}={value!r} must be positive")
+        return value
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", value)
+        if m and m.group(2).lower() in _UNITS:
+            n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+            if n > 0:
+                return n
+    raise errors.InvalidArgument(f"{what}={value!r}: give bytes (an int) or a size like '256MiB' or '2GiB'")
+
+
+def idle_cores() -> "IdleCores":
+    return IdleCores()
+
+
+class IdleCores:
+    """Idle CPU of the whole machine between two readings, in cores (from /proc/stat)."""
+
+    def __init__(self) -> None:
+        self._last = self._read()
+
+    @staticmethod
+    def _read() -> tuple[float, float] | None:
+        try:
+            with open("/proc/stat") as f:
+                fields = [float(v) for v in f.readline().split()[1:]]
+        except (OSError, ValueError):
+            return None
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+        return idle, sum(fields)
+
+    def sample(self) -> float:
+        now = self._read()
+        last, self._last = self._last, now
+        if now is None or last is None or now[1] <= last[1]:
+            return float(os.cpu_count() or 1)  # unknown: do not hold producers back on this
+        return (os.cpu_count() or 1) * (now[0] - last[0]) / (now[1] - last[1])
+
+
+@dataclass(frozen=True)
+class Window:
+    """What happened in one controller window."""
+
+    seconds: float
+    batches: int          # delivered to the loop
+    loop_wait_s: float    # the loop's total wait for those batches
+    busy_s: float         # producers' time making batches (all of them)
+    workers: int          # producers running through the window
+    idle_cores: float     # machine-wide idle CPU, in cores
+
+    @property
+    def rate(self) -> float:
+        return self.batches / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def wait_fraction(self) -> float:
+        return self.loop_wait_s / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def busy_fraction(self) -> float:
+        return min(1.0, self.busy_s / (self.seconds * self.workers)) if self.workers and self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class Decision:
+    at_s: float
+    change: int
+    workers: int  # after the change
+    reason: str
+
+    def as_dict(self) -> dict:
+        return {"at_s": round(self.at_s, 2), "change": self.change, "workers": self.workers, "reason": self.reason}
+
+
+class Controller:
+    """Decides producer count changes from windows (NOTE [autotune]). Pure logic: no Ray, no ring."""
+
+    def __init__(self, min_workers: int, max_workers: int, *, wait_tolerance: float = 0.02,
+                 busy_high: float = 0.7, busy_low: float = 0.3, gain: float = 0.05, hold: int = 8,
+                 min_batches: int = 4) -> None:
+        self.min_workers = min_workers
+        self.max_workers = max_workers
+        self.wait_tolerance = wait_tolerance
+        self.busy_high = busy_high
+        self.busy_low = busy_low
+        self.gain = gain
+        self.hold = hold
+        self.min_batches = min_batches
+        self.decisions: collections.deque[Decision] = collections.deque(maxlen=12)
+        self._t0 = time.monotonic()
+        self._trial: tuple[int, float] | None = None  # (workers added, rate before) awaiting its verdict
+        self._cooldown = 0
+        self._ceiling = max_workers  # lowered when adding stopped paying off
+
+    def decide(self, w: Window, workers: int) -> int:
+        """The change in producers to make now (0: none), given the last window and how many run."""
+        if w.batches < self.min_batches and w.wait_fraction < self.wait_tolerance:
+            return 0  # too little seen: no verdict (or nothing asked for: the loop is elsewhere)
+        if self._trial is not None:
+            added, before = self._trial
+            self._trial = None
+            if w.rate < before * (1 + self.gain):
+                self._ceiling = max(self.min_workers, workers - added)
+                self._cooldown = self.hold
+                return self._record(-added, workers, (
+                    f"+{added} producers did not pay: {before:.1f} -> {w.rate:.1f} batches/s "
+                    f"with {w.idle_cores:.1f} idle cores (they compete for CPU): back to {workers - added}"))
+        if self._cooldown:
+            self._cooldown -= 1
+            if self._cooldown == 0:
+                self._ceiling = self.max_workers  # the workload may have changed: allow trying again
+        waiting = w.wait_fraction > self.wait_tolerance
+        if waiting and w.busy_fraction > self.busy_high and workers < min(self._ceiling, self.max_workers):
+            if w.idle_cores < 0.5 and workers >= (os.cpu_count() or 1):
+                return 0  # no core to give: CPU-bound at the machine's size
+            room = min(self._ceiling, self.max_workers) - workers
+            # The loop's wait says how far behind producers are: ask for that much more, capped.
+            want = max(1, math.ceil(workers * w.wait_fraction / max(1e-3, 1 - w.wait_fraction)))
+            add = min(room, want, max(1, workers))
+            self._trial = (add, w.rate)
+            return self._record(add, workers, (
+                f"loop waited {1e3 * w.loop_wait_s / max(1, w.batches):.1f} ms/batch "
+                f"({100 * w.wait_fraction:.0f}% of its time) with {workers} producers "
+                f"{100 * w.busy_fraction:.0f}% busy and {w.idle_cores:.1f} idle cores: +{add} producers"))
+        if not waiting and w.busy_fraction < self.busy_low and workers > self.min_workers:
+            return self._record(-1, workers, (
+                f"producers {100 * w.busy_fraction:.0f}% busy and the loop did not wait "
+                f"({100 * w.wait_fraction:.1f}% of its time): -1 producer"))
+        return 0
+
+    def _record(self, change: int, workers: int, reason: str) -> int:
+        self.decisions.append(Decision(time.monotonic() - self._t0, change, workers + change, reason))
+        return change
+
+
+def ring_slots(*, slot_bytes: int, budget: int | None, want: int, at_least: int, size_for) -> int:
+    """Slots for the ring: ``want``, fewer if ``budget`` bytes cannot hold them, never below ``at_least``.
+
+    ``size_for(slots)`` is the segment size of a ring with that many slots (``Ring.size_for``).
+    """
+    slots = max(want, at_least)
+    if budget is None:
+        return slots
+    while slots > at_least and size_for(slots) > budget:
+        slots -= 1
+    if size_for(slots) > budget:
+        raise errors.InvalidArgument(
+            f"memory_budget={budget} bytes cannot hold the smallest ring for this spec ({at_least} slots of "
+            f"{slot_bytes} bytes = {size_for(slots)} bytes): raise the budget or lower prefetch")
+    return slots
