@@ -125,6 +125,7 @@ class Supervisor(threading.Thread):
         self.controller = controller  # autotune.Controller, or None: a fixed number of producers
         self._loop_counts = loop_counts
         self._window: tuple[float, int, float, Any] | None = None
+        self._settle = 0  # autotune windows to skip before judging a change
         for p in self.positions:
             self.work.reset(p.worker)
             p.active = active is None or p.worker < active
@@ -374,8 +375,14 @@ class Supervisor(threading.Thread):
         window = Window(now - t0, batches - b0, wait - w0, busy_ns / 1e9, running, idle.sample())
         self._window = (now, batches, wait, idle)
         if running < self.workers_running():
+            self._settle = 1
             return  # producers still starting: judge the last change once they run
+        if self._settle:
+            self._settle -= 1  # a window for the new producers' start-up to leave the machine
+            return
         change = self.controller.decide(window, running)
+        if change:
+            self._settle = 1
         for _ in range(max(0, change)):
             self._add_producer()
         for _ in range(max(0, -change)):

@@ -77,6 +77,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the extra pyshmfeed start with no Ray running (saves a Ray restart)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.add_argument("--list", action="store_true", help="list the pipelines, how each is set up, and exit")
+    parser.add_argument("--autotune", action="store_true",
+                        help="instead of the comparison: workers='auto' against hand-set workers 1..16 on an "
+                             "I/O-bound and a CPU-bound workload, and a mid-run workload change (see --plot)")
+    parser.add_argument("--autotune-seconds", type=float, default=4.0,
+                        help="seconds each --autotune configuration is measured, after its producers run "
+                             "(+1 s warm-up; auto: +8 s for the controller to converge)")
 
 
 def workload_from(args: argparse.Namespace) -> Workload:
@@ -107,6 +113,10 @@ def run(args: argparse.Namespace) -> int:
     from .progress import Progress
     from .runner import run_bench
 
+    if args.autotune:
+        from . import autotune_bench
+
+        return autotune_bench.run(args)
     if args.list:
         for p in PIPELINES:
             missing = p.missing()
