@@ -135,7 +135,7 @@ class Controller:
         self.min_batches = min_batches
         self.decisions: collections.deque[Decision] = collections.deque(maxlen=12)
         self._t0 = time.monotonic()
-        self._trial: tuple[int, float] | None = None  # (workers added, rate before) awaiting its verdict
+        self._trial: tuple[int, float, float] | None = None  # (added, rate, wait fraction before): to judge
         self._cooldown = 0
         self._ceiling = max_workers  # lowered when adding stopped paying off
 
@@ -144,9 +144,11 @@ class Controller:
         if w.batches < self.min_batches and w.wait_fraction < self.wait_tolerance:
             return 0  # too little seen: no verdict (or nothing asked for: the loop is elsewhere)
         if self._trial is not None:
-            added, before = self._trial
+            added, before, waited = self._trial
             self._trial = None
-            if w.rate < before * (1 + self.gain):
+            # It paid if throughput rose, or if the loop now waits clearly less (it may have
+            # caught up with the producers, so the rate shows the loop's pace, not theirs).
+            if w.rate < before * (1 + self.gain) and w.wait_fraction > 0.75 * waited:
                 self._ceiling = max(self.min_workers, workers - added)
                 self._cooldown = self.hold
                 return self._record(-added, workers, (
@@ -164,7 +166,7 @@ class Controller:
             # The loop's wait says how far behind producers are: ask for that much more, capped.
             want = max(1, math.ceil(workers * w.wait_fraction / max(1e-3, 1 - w.wait_fraction)))
             add = min(room, want, max(1, workers))
-            self._trial = (add, w.rate)
+            self._trial = (add, w.rate, w.wait_fraction)
             return self._record(add, workers, (
                 f"loop waited {1e3 * w.loop_wait_s / max(1, w.batches):.1f} ms/batch "
                 f"({100 * w.wait_fraction:.0f}% of its time) with {workers} producers "

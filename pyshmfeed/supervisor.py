@@ -375,7 +375,7 @@ class Supervisor(threading.Thread):
         window = Window(now - t0, batches - b0, wait - w0, busy_ns / 1e9, running, idle.sample())
         self._window = (now, batches, wait, idle)
         if running < self.workers_running():
-            self._settle = 1
+            self._settle = 2  # starting Python processes costs CPU: let it pass before judging
             return  # producers still starting: judge the last change once they run
         if self._settle:
             self._settle -= 1  # a window for the new producers' start-up to leave the machine
