@@ -54,6 +54,7 @@ _SETTLE_S = 2.0         # a live producer's take in progress ends in nanoseconds
 START_S = 300.0         # the first producer must be up by then
 RAY_LOST_S = 30.0       # no producer alive and none starting for this long: Ray is gone
 AUTOTUNE_S = 0.5        # the autotune controller's window
+KILLS_PER_BATCH = 3     # a batch whose producer died this often is the culprit: it fails the feed
 
 
 class Position:
@@ -126,6 +127,7 @@ class Supervisor(threading.Thread):
         self._loop_counts = loop_counts
         self._window: tuple[float, int, float, Any] | None = None
         self._settle = 0  # autotune windows to skip before judging a change
+        self._deaths_holding: dict[int, int] = {}  # seq -> producers that died holding it
         for p in self.positions:
             self.work.reset(p.worker)
             p.active = active is None or p.worker < active
@@ -448,12 +450,16 @@ class Supervisor(threading.Thread):
         exc = errors.ProducerError(
             f"the {self._kind} source raised {e['type']}: {e['message']} (batch index {e['index']}, "
             f"producer {e['worker']})", index=e["index"], worker=e["worker"], traceback_text=e["traceback"])
+        self._source_failed(exc, e["seq"])
+
+    def _source_failed(self, exc: errors.ProducerError, seq: int) -> None:
+        """Batch ``seq`` cannot be made: the loop raises ``exc`` (ordered: once it has every batch before)."""
         if self.ordered:
             # Batches before it may still be in the making: keep the ring open and producing
             # until the loop reaches this batch (raise_if_failed), so they are delivered first.
             with self._lock:
-                if self._deferred_error is None or e["seq"] < self._deferred_error[1]:
-                    self._deferred_error = (exc, e["seq"])
+                if self._deferred_error is None or seq < self._deferred_error[1]:
+                    self._deferred_error = (exc, seq)
         else:
             self._fail(exc)
 
@@ -474,11 +480,24 @@ class Supervisor(threading.Thread):
         wait_dead(p.pid)  # Ray may call it dead before its process is gone
         if p.owner is not None:
             self.ring.reclaim(p.owner)
+        culprit = None
         with self._lock:
-            for seq in self._lost_by(p.worker):
+            lost = self._lost_by(p.worker)
+            for seq in lost:
+                self._deaths_holding[seq] = self._deaths_holding.get(seq, 0) + 1
+                if self._deaths_holding[seq] >= KILLS_PER_BATCH:
+                    culprit = seq  # its source kills the process (os._exit, a crash): re-issuing cannot help
+                    continue
                 self.work.reissue(seq)
                 self.reissued += 1
             self.work.reset(p.worker)
+        if culprit is not None:
+            index = self._index_of(culprit)
+            self._source_failed(errors.ProducerError(
+                f"batch index {index} killed its producer {KILLS_PER_BATCH} times (the {self._kind} source "
+                "ended the process: os._exit, a crash in native code, or the OOM killer; no Python traceback "
+                "exists): fix the source for this index", index=index, worker=p.worker, traceback_text=""),
+                culprit)
         p.pid = p.owner = None
         p.serve_ref = p.ready_ref = None
         if p.stopping:  # it was being stopped anyway: its position goes idle, no replacement
@@ -486,12 +505,23 @@ class Supervisor(threading.Thread):
             p.actor = None
             return
         if self.restarts_left <= 0:
-            self._fail(errors.ProducerLost(f"producer {p.worker} died and no restarts are left "
+            held = f" while making batch index {self._index_of(lost[0])}" if lost else ""
+            self._fail(errors.ProducerLost(f"producer {p.worker} died{held} and no restarts are left "
                                            f"({self.restarts} used); see the Ray logs for why it died"))
             return
         self.restarts_left -= 1
         self.restarts += 1
         self._start(p)
+
+    def _index_of(self, seq: int) -> int | None:
+        """The batch index task ``seq`` of the current job makes (for messages)."""
+        from .work import Task
+
+        job = self._job
+        try:
+            return self._task_index(Task(seq, seq - job.base_seq, job.epoch, job.start, job.flags, True))
+        except Exception:
+            return None
 
     def _lost_by(self, dead: int) -> list[int]:
         """Tasks the producer at record ``dead`` took that nobody will make now (NOTE [work hand-out])."""
