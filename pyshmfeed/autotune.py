@@ -16,7 +16,8 @@ NOTE [autotune]
                and producers are busy (> ``busy_high``) and the machine has an
                idle core: add producers (more at once while the gap is large);
              - after a change, throughput is compared with the window before
-               it: an add that did not raise batches/s by ``gain`` is taken
+               it: an add that neither raised batches/s by ``gain`` nor cut
+               the loop's wait, on a machine with no idle core left, is taken
                back (CPU-bound work on too few cores: producers only steal
                CPU from each other), and adding pauses for ``hold`` windows;
              - producers mostly idle (< ``busy_low``) while the loop does not
@@ -123,7 +124,7 @@ class Controller:
     """Decides producer count changes from windows (NOTE [autotune]). Pure logic: no Ray, no ring."""
 
     def __init__(self, min_workers: int, max_workers: int, *, wait_tolerance: float = 0.02,
-                 busy_high: float = 0.7, busy_low: float = 0.3, gain: float = 0.05, hold: int = 8,
+                 busy_high: float = 0.7, busy_low: float = 0.3, gain: float = 0.05, hold: int = 4,
                  min_batches: int = 4) -> None:
         self.min_workers = min_workers
         self.max_workers = max_workers
@@ -138,6 +139,7 @@ class Controller:
         self._trial: tuple[int, float, float] | None = None  # (added, rate, wait fraction before): to judge
         self._cooldown = 0
         self._ceiling = max_workers  # lowered when adding stopped paying off
+        self._failures = 0  # adds in a row that did not pay
 
     def decide(self, w: Window, workers: int) -> int:
         """The change in producers to make now (0: none), given the last window and how many run."""
@@ -150,18 +152,22 @@ class Controller:
             # caught up with the producers, so the rate shows the loop's pace, not theirs).
             if w.rate < before * (1 + self.gain) and w.wait_fraction > 0.75 * waited:
                 self._ceiling = max(self.min_workers, workers - added)
-                self._cooldown = self.hold
+                # Each failed try in a row waits twice as long before the next (CPU-bound work
+                # would otherwise pay for starting producers over and over).
+                self._cooldown = min(64, self.hold * 2 ** self._failures)
+                self._failures += 1
                 return self._record(-added, workers, (
                     f"+{added} producers did not pay: {before:.1f} -> {w.rate:.1f} batches/s "
-                    f"with {w.idle_cores:.1f} idle cores (they compete for CPU): back to {workers - added}"))
+                    f"and the loop still waits ({w.idle_cores:.1f} idle cores): back to {workers - added}"))
+            self._failures = 0  # it paid
         if self._cooldown:
             self._cooldown -= 1
             if self._cooldown == 0:
                 self._ceiling = self.max_workers  # the workload may have changed: allow trying again
         waiting = w.wait_fraction > self.wait_tolerance
         if waiting and w.busy_fraction > self.busy_high and workers < min(self._ceiling, self.max_workers):
-            if w.idle_cores < 0.5 and workers >= (os.cpu_count() or 1):
-                return 0  # no core to give: CPU-bound at the machine's size
+            # Whether more producers help (I/O-bound) or only compete for CPU (CPU-bound) is
+            # decided by trying: the next window judges the add (above).
             room = min(self._ceiling, self.max_workers) - workers
             # The loop's wait says how far behind producers are: ask for that much more, capped.
             want = max(1, math.ceil(workers * w.wait_fraction / max(1e-3, 1 - w.wait_fraction)))
