@@ -6,7 +6,6 @@ ends live in ``pyshmfeed.adapters`` and import them on first use.
 """
 
 from .errors import (
-    ConsumerGone,
     CorruptSegment,
     InvalidArgument,
     LayoutVersionMismatch,
@@ -30,7 +29,12 @@ from .ring import ConsumerSlot, ProducerSlot, Ring, RingHandle
 from .source import SlotArrays, SourceContext
 from .spec import ArraySpec, Batch, BatchSpec
 
-__version__ = "0.1.0"
+try:  # one place for the version: the package metadata (pyproject.toml)
+    from importlib.metadata import PackageNotFoundError, version as _version
+
+    __version__ = _version("pyshmfeed")
+except PackageNotFoundError:  # pragma: no cover - running from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "Feed", "BatchSpec", "ArraySpec", "Batch", "SourceContext", "SlotArrays",
@@ -38,5 +42,5 @@ __all__ = [
     "ShmfeedError", "InvalidArgument", "NoSpace", "SegmentError", "SegmentNotFound",
     "SegmentPermissionError", "CorruptSegment", "LayoutVersionMismatch", "Timeout", "WouldBlock",
     "RingClosed", "StaleClaim", "SlotStateError", "PayloadTooLarge", "SpecMismatch", "ProducerError",
-    "ProducerLost", "ConsumerGone",
+    "ProducerLost",
 ]

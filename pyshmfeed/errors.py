@@ -98,6 +98,3 @@ class ProducerError(ShmfeedError):
 class ProducerLost(ShmfeedError):
     """Producers kept dying and the feed ran out of restarts."""
 
-
-class ConsumerGone(ShmfeedError):
-    """The training process that owns the ring has exited."""

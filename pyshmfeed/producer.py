@@ -175,9 +175,6 @@ class Producer:
             return {"count": position, "busy_s": busy, "error": _error_record(exc, position, self.worker)}
         return {"count": position, "busy_s": busy}
 
-    def shutdown(self) -> None:
-        self.ring.detach()
-
 
 def _error_record(exc: BaseException, index: int, worker: int) -> dict[str, Any]:
     return {"index": index, "worker": worker, "type": type(exc).__name__, "message": str(exc),

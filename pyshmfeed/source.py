@@ -31,9 +31,6 @@ import numpy as np
 from .errors import InvalidArgument, SpecMismatch
 from .spec import BatchSpec, SlotLayout
 
-SOURCE_KINDS = ("fill", "make", "shards")
-
-
 @dataclass(frozen=True)
 class SourceContext:
     """What a source function knows about where it runs.
@@ -50,9 +47,6 @@ class SourceContext:
 
     def rng(self, index: int) -> np.random.Generator:
         return np.random.default_rng(np.random.SeedSequence([self.seed & (2**63 - 1), self.epoch, index]))
-
-    def with_epoch(self, epoch: int) -> "SourceContext":
-        return SourceContext(self.worker, self.num_workers, epoch, self.seed)
 
 
 class SlotArrays(Mapping):
