@@ -24,8 +24,8 @@ import time
 import traceback
 from typing import Any, Callable
 
-from . import errors
-from .ring import Ring, RingHandle, process_alive
+from . import errors, registry
+from .ring import Ring, RingHandle
 from .source import SourceContext, copy_batch_into, write_indexed_batch
 from .spec import BatchSpec, SlotLayout
 from .work import TaskIndex, WorkArea
@@ -67,8 +67,15 @@ class Producer:
         """Who this producer is: the feed reclaims by ``owner`` if it dies."""
         return {"pid": os.getpid(), "owner": self.ring.owner, "worker": self.worker}
 
+    def _leave_if_orphaned(self) -> None:
+        """The training process died (SIGKILL, OOM): nobody will kill this actor in time (Ray notices
+        its driver's death only seconds later), and nothing is left to report to. Leave now."""
+        if self._consumer_gone():
+            os._exit(0)
+
     def _consumer_gone(self) -> bool:
-        return not process_alive(self.consumer_pid)
+        # A zombie counts as gone: a SIGKILLed training process stays one until its parent reaps it.
+        return not registry.is_alive(self.consumer_pid, None)
 
     def _maybe_die(self, step: str) -> None:
         if self._kill_at is None or self._kill_at[:2] != (step, self._batches):
@@ -118,6 +125,7 @@ class Producer:
             try:
                 task = work.take(rec, stop=self._consumer_gone)
             except errors.RingClosed:
+                self._leave_if_orphaned()
                 return {"closed": True}
             index = self.task_index(task)
             ctx = SourceContext(self.worker, self.num_workers, task.epoch, self.seed)
@@ -150,6 +158,7 @@ class Producer:
             try:
                 busy += self._make(seq, index, ctx)
             except errors.RingClosed:
+                self._leave_if_orphaned()
                 return {"done": done, "busy_s": busy, "closed": True}
             except Exception as exc:  # a user function (or its batch) failed
                 error = {**_error_record(exc, index, self.worker), "seq": seq}  # seq: feed.py orders errors
@@ -170,6 +179,7 @@ class Producer:
                                           lambda layout, b=batch: copy_batch_into(layout, b))
                 position += 1
         except errors.RingClosed:
+            self._leave_if_orphaned()
             return {"count": position, "busy_s": busy, "closed": True}
         except Exception as exc:
             return {"count": position, "busy_s": busy, "error": _error_record(exc, position, self.worker)}
