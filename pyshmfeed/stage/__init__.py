@@ -6,7 +6,17 @@ use. This package re-exports both, so ``from pyshmfeed.stage import ...``
 imports no framework.
 """
 
-from .core import FeedStaging, NumpyTarget, Stage, StageCore, Staged, StageStats, Target, numpy_target
+from .core import (
+    FeedStaging,
+    NumpyTarget,
+    Stage,
+    StageCore,
+    Staged,
+    StagedFeed,
+    StageStats,
+    Target,
+    numpy_target,
+)
 from .torch_targets import (
     CudaTarget,
     HostRegistration,
@@ -21,4 +31,4 @@ _Staged = Staged  # the name tests/test_stage.py and bench/gpu_check.py import
 
 __all__ = ["Stage", "StageStats", "HostRegistration", "NumpyTarget", "TorchCPUTarget", "CudaTarget",
            "numpy_target", "torch_cpu_target", "cuda_target", "check_cuda_device", "staged_epoch",
-           "Target", "Staged", "StageCore", "FeedStaging"]
+           "Target", "Staged", "StageCore", "StagedFeed", "FeedStaging"]

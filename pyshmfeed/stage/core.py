@@ -42,17 +42,38 @@ import time
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from .. import errors
 from ..ring import ConsumerSlot, Ring
 from ..spec import Batch, BatchSpec
 
-if TYPE_CHECKING:
-    from ..feed import Feed
-
 WAIT_SLICE_S = 0.1         # longest single wait on either thread before the stop Event is checked again
 _JOIN_TIMEOUT_S = 60.0     # a thread that has not stopped by then is reported, not waited for forever
+
+
+class StagedFeed(Protocol):
+    """What a stage asks of a feed (``pyshmfeed.Feed`` is one). The feed sits above the stage and
+    imports it; the stage knows it only by this shape."""
+
+    spec: BatchSpec
+    slots: int
+    prefetch: int
+
+    @property
+    def ring(self) -> Ring: ...
+
+    def slots_of(self, epoch: int, *, stop: Callable[[], bool] | None = None
+                 ) -> Iterator[tuple[ConsumerSlot, Batch]]: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+    def on_close(self, fn: Callable[[], None]) -> None: ...
+
+    def remove_on_close(self, fn: Callable[[], None]) -> None: ...
+
+    def report_staging(self, *, stats: Callable[[], dict[str, Any]] | None = None,
+                       undelivered: Callable[[], list[tuple[int, int]]] | None = None) -> None: ...
 
 
 # ---- what the stage thread hands over ------------------------------------------
@@ -169,14 +190,14 @@ _FEEDS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _FEEDS_LOCK = threading.Lock()
 
 
-def feed_staging(feed: "Feed") -> FeedStaging:
+def feed_staging(feed: StagedFeed) -> FeedStaging:
     """``feed``'s staging state, made by its first stage or target and closed by the feed's close."""
     with _FEEDS_LOCK:
         state = _FEEDS.get(feed)
         if state is None:
             state = _FEEDS[feed] = FeedStaging(feed.ring, feed.spec)
-            feed._staging_stats = state.stats.summary
-            feed._add_closer(state.close)
+            feed.report_staging(stats=state.stats.summary)
+            feed.on_close(state.close)  # added before any stage's: runs after every stage closed
         return state
 
 
@@ -224,7 +245,7 @@ class StageStopped(Exception):
 # ---- target factories (cached per feed: torch_targets.py has the others) ----
 
 
-def numpy_target(feed: "Feed") -> Target:
+def numpy_target(feed: StagedFeed) -> Target:
     """Numpy views (zero copy, valid until the next batch)."""
     staging = feed_staging(feed)
     return staging.targets.setdefault(("numpy",), NumpyTarget())
@@ -240,7 +261,7 @@ class StageCore:
     A target's ``stage``/``moved_on`` get it to give slots back: ``release`` now,
     ``release_after`` an event; waits inside ``stage`` check ``stop_event``."""
 
-    def __init__(self, feed: "Feed", epoch: int, target: Target, prefetch: int,
+    def __init__(self, feed: StagedFeed, epoch: int, target: Target, prefetch: int,
                  on_release: Callable[[ConsumerSlot], None] | None) -> None:
         self.feed = feed
         self.epoch = epoch
@@ -269,7 +290,7 @@ class StageCore:
         self.thread = threading.Thread(target=self._run, name=f"pyshmfeed-stage-epoch{epoch}", daemon=True)
         self.releaser = (threading.Thread(target=self._run_releaser, name=f"pyshmfeed-release-epoch{epoch}",
                                           daemon=True) if target.asynchronous else None)
-        feed._add_closer(self._close_from_feed)
+        feed.on_close(self._close_from_feed)
         if self.releaser is not None:
             self.releaser.start()
         self.thread.start()
@@ -381,7 +402,9 @@ class StageCore:
                     self.max_ahead = max(self.max_ahead, ahead)
                     held = self.held
                 self.stats.staged(staged.nbytes, ahead, held)
-                self.feed._undelivered = self.undelivered  # state_dict() must not count staged batches
+                # state_dict() must not count staged batches. Again each batch: the feed forgets it
+                # when the epoch starts, which is inside slots_of, on this thread, after the stage began.
+                self.feed.report_staging(undelivered=self.undelivered)
                 self._push(staged)
                 k += 1
         except StageStopped:
@@ -498,7 +521,7 @@ class StageCore:
             if self.releaser.is_alive():
                 problems.append(f"the releaser thread of epoch {self.epoch} did not stop within "
                                 f"{_JOIN_TIMEOUT_S:g} s")
-        self.feed._remove_closer(self._close_from_feed)
+        self.feed.remove_on_close(self._close_from_feed)
         if problems:
             raise errors.ShmfeedError("closing the stage: " + "; ".join(problems))
 
@@ -527,7 +550,7 @@ class Stage(Iterator[Batch]):
     slot right after it went back to the producers, on whichever thread did it.
     """
 
-    def __init__(self, feed: "Feed", epoch: int = 0, target: Target | None = None, *,
+    def __init__(self, feed: StagedFeed, epoch: int = 0, target: Target | None = None, *,
                  prefetch: int | None = None,
                  on_release: Callable[[ConsumerSlot], None] | None = None) -> None:
         prefetch = feed.prefetch if prefetch is None else prefetch
@@ -592,5 +615,5 @@ class Stage(Iterator[Batch]):
         return self._core.feed.stats()
 
 
-__all__ = ["Stage", "StageCore", "StageStats", "FeedStaging", "Target", "Staged", "StageStopped", "NumpyTarget",
-           "feed_staging", "numpy_target", "WAIT_SLICE_S"]
+__all__ = ["Stage", "StagedFeed", "StageCore", "StageStats", "FeedStaging", "Target", "Staged", "StageStopped",
+           "NumpyTarget", "feed_staging", "numpy_target", "WAIT_SLICE_S"]

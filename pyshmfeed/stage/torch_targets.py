@@ -13,17 +13,24 @@ import collections
 import threading
 import time
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from .. import errors
 from ..ring import ConsumerSlot
 from ..spec import Batch, BatchSpec
-from .core import WAIT_SLICE_S, FeedStaging, Stage, StageCore, Staged, StageStopped, Target, feed_staging
-
-if TYPE_CHECKING:
-    from ..feed import Feed
+from .core import (
+    WAIT_SLICE_S,
+    FeedStaging,
+    Stage,
+    StageCore,
+    Staged,
+    StagedFeed,
+    StageStopped,
+    Target,
+    feed_staging,
+)
 
 CUDA_HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: page-locked for every CUDA context
 
@@ -342,7 +349,7 @@ def check_cuda_device(device: Any):
 # ---- target factories (cached per feed: page-locking and pinned pools are paid once) ----
 
 
-def torch_cpu_target(feed: "Feed", *, copy: bool = False, pin: bool = False) -> Target:
+def torch_cpu_target(feed: StagedFeed, *, copy: bool = False, pin: bool = False) -> Target:
     """torch CPU tensors; see ``TorchCPUTarget``."""
     staging = feed_staging(feed)
     key = ("torch-cpu", bool(copy), bool(pin))
@@ -351,7 +358,7 @@ def torch_cpu_target(feed: "Feed", *, copy: bool = False, pin: bool = False) -> 
     return staging.targets[key]
 
 
-def cuda_target(feed: "Feed", device: Any = "cuda", *, register: bool = True, **test_hooks: Any) -> Target:
+def cuda_target(feed: StagedFeed, device: Any = "cuda", *, register: bool = True, **test_hooks: Any) -> Target:
     """CUDA tensors on ``device``; see ``CudaTarget``. Test hooks make an uncached target."""
     staging = feed_staging(feed)
     dev = check_cuda_device(device)
@@ -365,7 +372,13 @@ def cuda_target(feed: "Feed", device: Any = "cuda", *, register: bool = True, **
     return staging.targets[key]
 
 
-def staged_epoch(feed: "Feed", epoch: int) -> Iterator[Batch]:
+class DeviceFeed(StagedFeed, Protocol):
+    """A feed built with a CUDA ``device=``."""
+
+    device: Any
+
+
+def staged_epoch(feed: DeviceFeed, epoch: int) -> Iterator[Batch]:
     """``Feed.epoch`` for a feed built with a CUDA ``device=``: CUDA tensors staged from the ring."""
     with Stage(feed, epoch, cuda_target(feed, feed.device)) as stage:
         yield from stage
