@@ -215,7 +215,11 @@ class Feed:
             else:
                 from .dispatch import Dispatcher
 
-                self._dispatcher = Dispatcher(self, num_cpus, lease, restarts, _actor_options or {})
+                self._dispatcher = Dispatcher(
+                    ring=self._ring, spec=spec, kind=self.kind, fn=self._fn, workers=workers, seed=self.seed,
+                    ordered=ordered, chunk=self.chunk, placement=placement, num_cpus=num_cpus, lease=lease,
+                    max_restarts=restarts, actor_options=_actor_options or {},
+                    delivered=_weak_call(self._delivered_now, set))
             self._dispatcher.start()
         except BaseException:
             self.close()
@@ -404,7 +408,7 @@ class Feed:
                            world_size=self.world_size)
 
     def _delivered_now(self) -> set[int]:
-        """A snapshot of this epoch's delivered sequences (read by the supervisor's thread)."""
+        """A snapshot of this epoch's delivered sequences (read by the supervisor's or dispatcher's thread)."""
         while True:
             try:
                 return set(self._delivered_seqs)
@@ -548,7 +552,7 @@ class Feed:
 
 
 def _weak_call(method: Callable[[], Any], default: Callable[[], Any]) -> Callable[[], Any]:
-    """``method`` without keeping its object alive: the supervisor's thread must not keep a dropped
+    """``method`` without keeping its object alive: the supervisor's (or dispatcher's) thread must not keep a dropped
     feed from being garbage-collected (and so closed) — feeds made and dropped in a loop."""
     ref = weakref.WeakMethod(method)
 
