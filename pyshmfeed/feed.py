@@ -228,10 +228,10 @@ class Feed:
 
     @classmethod
     def from_ray_dataset(cls, ds: Any, spec: BatchSpec, **options: Any) -> "Feed":
-        """A feed of a ``ray.data.Dataset``'s batches (see ``pyshmfeed.raydata.from_ray_dataset``)."""
-        from .raydata import from_ray_dataset
+        """A feed of a ``ray.data.Dataset``'s batches; options in ``pyshmfeed.raydata.dataset_source``."""
+        from .raydata import dataset_source  # a source below the feed: it checks ds and spec, makes shards
 
-        return from_ray_dataset(ds, spec, **options)
+        return cls(spec, **dataset_source(ds, spec, **options))
 
     # ---- iteration ----------------------------------------------------------
 
