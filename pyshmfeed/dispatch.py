@@ -1,12 +1,12 @@
 """The feed's control plane: hands out work to producer actors and handles their deaths.
 
-One ``Dispatcher`` thread per ``Feed``, given its parts (the ring, the source,
-the options) by the feed, which it does not know. It starts the producer actors, gives
-``(seq, index, epoch)`` tasks in chunks to whichever producer is free, and on a
-producer's death (or a lease running out) kills it for good, reclaims its
-slots, re-issues its unfinished work in order and starts a replacement. The
-whole lifecycle is NOTE [producer lifecycle] in feed.py; remote producers add
-NOTE [remote producers] in remote.py.
+One ``Dispatcher`` thread per ``Feed``, which hands it its parts (the ring,
+the source, the options; it knows nothing of the feed). It starts the
+producer actors, gives ``(seq, index, epoch)`` tasks in chunks to whichever
+producer is free, and on a producer's death (or a lease running out) kills it
+for good, reclaims its slots, re-issues its unfinished work in order and
+starts a replacement. The whole lifecycle is NOTE [producer lifecycle] in
+feed.py; remote producers add NOTE [remote producers] in remote.py.
 """
 
 from __future__ import annotations

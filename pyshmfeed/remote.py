@@ -57,8 +57,8 @@ written once, straight into its slot.
 from __future__ import annotations
 
 import collections
-import os
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Iterable
