@@ -1,11 +1,12 @@
 """The feed's control plane: hands out work to producer actors and handles their deaths.
 
-One ``Dispatcher`` thread per ``Feed``. It starts the producer actors, gives
-``(seq, index, epoch)`` tasks in chunks to whichever producer is free, and on a
-producer's death (or a lease running out) kills it for good, reclaims its
-slots, re-issues its unfinished work in order and starts a replacement. The
-whole lifecycle is NOTE [producer lifecycle] in feed.py; remote producers add
-NOTE [remote producers] in remote.py.
+One ``Dispatcher`` thread per ``Feed``, which hands it its parts (the ring,
+the source, the options; it knows nothing of the feed). It starts the
+producer actors, gives ``(seq, index, epoch)`` tasks in chunks to whichever
+producer is free, and on a producer's death (or a lease running out) kills it
+for good, reclaims its slots, re-issues its unfinished work in order and
+starts a replacement. The whole lifecycle is NOTE [producer lifecycle] in
+feed.py; remote producers add NOTE [remote producers] in remote.py.
 """
 
 from __future__ import annotations
@@ -14,15 +15,13 @@ import collections
 import os
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Callable
 
 from . import errors
 from .procs import wait_dead
 from .producer import Producer
-from .ring import CLOSE_FAILED, CLOSE_PRODUCER_ERROR, process_alive
-
-if TYPE_CHECKING:
-    from .feed import Feed
+from .ring import CLOSE_FAILED, CLOSE_PRODUCER_ERROR, Ring, process_alive
+from .spec import BatchSpec
 
 
 class ProducerSlot:
@@ -43,15 +42,24 @@ class ProducerSlot:
 class Dispatcher(threading.Thread):
     """Hands out work to producer actors and handles their deaths (NOTE [producer lifecycle])."""
 
-    def __init__(self, feed: Feed, num_cpus: float, lease: float | None, max_restarts: int,
-                 actor_options: dict) -> None:
+    def __init__(self, *, ring: Ring, spec: BatchSpec, kind: str, fn: Callable[..., Any], workers: int,
+                 seed: int, ordered: bool, chunk: int, placement: str | tuple[str, ...], num_cpus: float,
+                 lease: float | None, max_restarts: int, actor_options: dict,
+                 delivered: Callable[[], set[int]]) -> None:
+        """``delivered()``: the sequences of this epoch the loop has had (a copy; any thread)."""
         super().__init__(name="pyshmfeed-dispatcher", daemon=True)
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         self._ray = ray
-        self.feed = feed
-        self.ring = feed._ring
+        self.ring = ring
+        self.kind = kind
+        self.ordered = ordered
+        self.chunk = chunk
+        self._delivered = delivered
+        self._args = (ring.handle, spec, kind, fn)
+        self._workers = workers
+        self._seed = seed
         self.lease = lease
         self.restarts_left = max_restarts
         self.restarts = 0
@@ -74,11 +82,12 @@ class Dispatcher(threading.Thread):
         options.update(actor_options)
         self._actor_cls = ray.remote(Producer).options(**options)
         self._cluster = None  # producers on other nodes: NOTE [remote producers] in remote.py
-        if feed.placement != "node":
+        if placement != "node":
             from .remote import ClusterPlacement
 
-            self._cluster = ClusterPlacement(self, options, actor_options)
-        self.slots = [ProducerSlot(w) for w in range(feed.workers)]
+            self._cluster = ClusterPlacement(ring=ring, spec=spec, kind=kind, fn=fn, workers=workers, seed=seed,
+                                             placement=placement, options=options, actor_options=actor_options)
+        self.slots = [ProducerSlot(w) for w in range(workers)]
         for p in self.slots:
             self._start_actor(p)
         # Wait for the first producer to attach, so start-up errors (a source that does not
@@ -98,12 +107,12 @@ class Dispatcher(threading.Thread):
         p.pids.append(ident["pid"])
 
     def _start_actor(self, p: ProducerSlot) -> None:
-        f = self.feed
         if self._cluster is not None:
-            p.actor = self._cluster.start_actor(p)
+            p.actor = self._cluster.start_actor(p.worker)
         else:
-            p.actor = self._actor_cls.remote(self.ring.handle, f.spec, f.kind, f._fn, p.worker, f.workers,
-                                             f.seed, os.getpid())
+            handle, spec, kind, fn = self._args
+            p.actor = self._actor_cls.remote(handle, spec, kind, fn, p.worker, self._workers, self._seed,
+                                             os.getpid())
         p.identity = None
         p.ready_ref = p.actor.identity.remote()
 
@@ -167,7 +176,7 @@ class Dispatcher(threading.Thread):
         s = {"restarts": self.restarts, "reissued": self.reissued, "producer_busy_s": self._busy_s,
              "producer_wall_s": time.perf_counter() - self._t0}
         if self._cluster is not None:
-            s.update(self._cluster.summary())  # remote batches, ingest copy time
+            s.update(self._cluster.summary([p.identity for p in self.slots]))  # remote batches, ingest copies
         return s
 
     def stop(self) -> None:
@@ -225,7 +234,7 @@ class Dispatcher(threading.Thread):
             # waits on the consumer alone, never on a batch a dead producer held: re-issued behind
             # that wait, it would stall the loop until a replacement producer has started.
             limit = None
-            if self.feed.ordered and self._pending:
+            if self.ordered and self._pending:
                 in_flight = [t[0] for q in self.slots for ts, _ in q.inflight.values() for t in ts]
                 limit = min(in_flight + [self._pending[0][0]]) + self.ring.slots
             for p in self.slots:
@@ -243,7 +252,7 @@ class Dispatcher(threading.Thread):
                     if self._pending[0][0] < held:
                         break
                     n = 0
-                    while n < min(self.feed.chunk, len(self._pending)) and (
+                    while n < min(self.chunk, len(self._pending)) and (
                             limit is None or self._pending[n][0] < limit):
                         n += 1
                     if n == 0:
@@ -298,9 +307,9 @@ class Dispatcher(threading.Thread):
         if "error" in result:
             e = result["error"]
             exc = errors.ProducerError(
-                f"the {self.feed.kind} source raised {e['type']}: {e['message']} (batch index {e['index']}, "
+                f"the {self.kind} source raised {e['type']}: {e['message']} (batch index {e['index']}, "
                 f"producer {e['worker']})", index=e["index"], worker=e["worker"], traceback_text=e["traceback"])
-            if self.feed.ordered and "seq" in e:
+            if self.ordered and "seq" in e:
                 # Batches before it may still be in the making: keep the ring open and producing
                 # until the loop reaches this batch (raise_if_failed), so they are delivered first.
                 with self._lock:
@@ -338,7 +347,7 @@ class Dispatcher(threading.Thread):
                     self._cluster.reclaim(p.identity)  # a remote producer's writes: fenced at the ingest
                 else:
                     self.ring.reclaim(p.identity["owner"])
-            committed = self._committed_seqs() if not self.feed.ordered else None
+            committed = self._committed_seqs() if not self.ordered else None
             redo = [t for t in lost_tasks if not self._is_committed(t[0], committed)]
             self._pending = collections.deque(sorted([*redo, *self._pending]))  # several may die at once
             self.reissued += len(redo)
@@ -363,7 +372,7 @@ class Dispatcher(threading.Thread):
             info = self.ring.slot_info(i)
             if info["state"] in ("ready", "acquired"):
                 in_ring.add(info["seq"])
-        return in_ring | set(self.feed._delivered_seqs)
+        return in_ring | self._delivered()
 
     def _is_committed(self, seq: int, committed: set[int] | None) -> bool:
         return self.ring.seq_committed(seq) if committed is None else seq in committed

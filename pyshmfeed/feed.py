@@ -112,10 +112,10 @@ class Feed:
         self._dispatcher: Any = None  # supervisor.Supervisor (segment hand-out) or dispatch.Dispatcher
         self._ray_lease: raylife.Lease | None = None
         self._final_summary: dict[str, Any] | None = None  # the supervisor's figures, kept at close()
-        self._closers: list[Callable[[], None]] = []  # stages, then page-locking (NOTE [stage lifecycle])
-        self._staging_stats: Callable[[], dict] | None = None  # set by pyshmfeed.stage
+        self._closers: list[Callable[[], None]] = []  # stages, then page-locking (on_close)
+        self._staging_stats: Callable[[], dict] | None = None  # report_staging(stats=...)
         # Batches a stage took from the ring for the epoch but never handed to the loop: (index, worker).
-        self._undelivered: Callable[[], list[tuple[int, int]]] | None = None
+        self._undelivered: Callable[[], list[tuple[int, int]]] | None = None  # report_staging(undelivered=...)
         # ---- validate everything before starting anything ------------------
         if not isinstance(spec, BatchSpec):
             raise errors.InvalidArgument(f"spec must be a BatchSpec, got {type(spec).__name__}")
@@ -242,7 +242,11 @@ class Feed:
             else:
                 from .dispatch import Dispatcher
 
-                self._dispatcher = Dispatcher(self, num_cpus, lease, restarts, _actor_options or {})
+                self._dispatcher = Dispatcher(
+                    ring=self._ring, spec=spec, kind=self.kind, fn=self._fn, workers=workers, seed=self.seed,
+                    ordered=ordered, chunk=self.chunk, placement=placement, num_cpus=num_cpus, lease=lease,
+                    max_restarts=restarts, actor_options=_actor_options or {},
+                    delivered=_weak_call(self._delivered_now, set))
             self._dispatcher.start()
         except BaseException:
             self.close()
@@ -251,10 +255,10 @@ class Feed:
 
     @classmethod
     def from_ray_dataset(cls, ds: Any, spec: BatchSpec, **options: Any) -> "Feed":
-        """A feed of a ``ray.data.Dataset``'s batches (see ``pyshmfeed.raydata.from_ray_dataset``)."""
-        from .raydata import from_ray_dataset
+        """A feed of a ``ray.data.Dataset``'s batches; options in ``pyshmfeed.raydata.dataset_source``."""
+        from .raydata import dataset_source  # a source below the feed: it checks ds and spec, makes shards
 
-        return from_ray_dataset(ds, spec, **options)
+        return cls(spec, **dataset_source(ds, spec, **options))
 
     # ---- iteration ----------------------------------------------------------
 
@@ -262,7 +266,7 @@ class Feed:
         """Iterate the batches of ``epoch`` (numpy views valid until the next batch is requested).
 
         With a CUDA ``device``: torch CUDA tensors, staged from the ring by a
-        consumer thread (NOTE [stage lifecycle] in stage.py); they stay valid.
+        consumer thread (NOTE [stage lifecycle] in stage/core.py); they stay valid.
         """
         if self.device != "cpu":
             from .stage import staged_epoch
@@ -431,7 +435,7 @@ class Feed:
                            world_size=self.world_size)
 
     def _delivered_now(self) -> set[int]:
-        """A snapshot of this epoch's delivered sequences (read by the supervisor's thread)."""
+        """A snapshot of this epoch's delivered sequences (read by the supervisor's or dispatcher's thread)."""
         while True:
             try:
                 return set(self._delivered_seqs)
@@ -512,7 +516,7 @@ class Feed:
                 fn()
             except Exception as exc:
                 closer_error = closer_error or exc
-            self._remove_closer(fn)
+            self.remove_on_close(fn)
         if self._dispatcher is not None:
             self._dispatcher.stop()
             with contextlib.suppress(Exception):  # the ring is still mapped: its records can be read
@@ -526,13 +530,41 @@ class Feed:
         if closer_error is not None:
             raise closer_error
 
-    def _add_closer(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` at ``close()``, after the ring is closed and before it is unmapped (pyshmfeed.stage)."""
+    # ---- for consumers that take batches on a thread of their own (pyshmfeed.stage) ----------
+    # Public methods rather than callables handed to each stage: a stage is made from a feed alone
+    # by front ends (adapters, user code) after the feed exists, so these are all it may ask of it.
+
+    def on_close(self, fn: Callable[[], None]) -> None:
+        """Run ``fn()`` at ``close()``, after the ring is closed and before it is unmapped.
+
+        The ring is closed by then (every wait on it ends) and its memory is
+        still mapped, so ``fn`` may join threads that waited on it, release
+        slots and unregister memory. The last
+        added runs first; if one raises, the others and the rest of
+        ``close()`` still run and ``close()`` raises the first error.
+        """
         self._closers.append(fn)
 
-    def _remove_closer(self, fn: Callable[[], None]) -> None:
+    def remove_on_close(self, fn: Callable[[], None]) -> None:
+        """Forget ``fn`` (a stage that closed by itself); nothing if it is not registered."""
         if fn in self._closers:
             self._closers.remove(fn)
+
+    def report_staging(self, *, stats: Callable[[], dict[str, Any]] | None = None,
+                       undelivered: Callable[[], list[tuple[int, int]]] | None = None) -> None:
+        """How a consumer thread running ahead of the loop keeps ``stats()`` and ``state_dict()`` true.
+
+        ``stats()`` returns figures merged into ``feed.stats()`` (the staging
+        path and its counters). ``undelivered()`` returns ``(index, worker)``
+        of each batch of the current epoch taken from the ring but not handed
+        to the loop, which ``state_dict()`` then does not count as delivered;
+        it is forgotten when the next epoch starts. Each one given replaces
+        the one reported before; either may be called from any thread.
+        """
+        if stats is not None:
+            self._staging_stats = stats
+        if undelivered is not None:
+            self._undelivered = undelivered
 
     def __enter__(self) -> "Feed":
         return self
@@ -577,7 +609,7 @@ def _ring_bytes(slots: int, slot_bytes: int) -> int:
 
 
 def _weak_call(method: Callable[[], Any], default: Callable[[], Any]) -> Callable[[], Any]:
-    """``method`` without keeping its object alive: the supervisor's thread must not keep a dropped
+    """``method`` without keeping its object alive: the supervisor's (or dispatcher's) thread must not keep a dropped
     feed from being garbage-collected (and so closed) — feeds made and dropped in a loop."""
     ref = weakref.WeakMethod(method)
 

@@ -7,6 +7,9 @@ the maximum, a missing column) and copied into a slot: one copy, in the
 producer, after which the training loop gets the usual zero-copy views and
 staging.
 
+A source, below the feed: ``Feed.from_ray_dataset`` calls ``dataset_source``
+for the feed's arguments; nothing here knows the ``Feed`` class.
+
 Order: ``ordered=True`` (the default) uses one producer, which iterates the
 whole dataset with Ray Data's ``preserve_order`` set, so batches arrive in
 dataset order and a restarted producer can skip exactly what was already
@@ -28,8 +31,6 @@ from .spec import BatchSpec
 
 if TYPE_CHECKING:
     import ray.data
-
-    from .feed import Feed
 
 
 class DatasetShards:
@@ -123,11 +124,11 @@ def _check_against_spec(ds: ray.data.Dataset, spec: BatchSpec, shards: DatasetSh
         spec.check_array(i, v)
 
 
-def from_ray_dataset(ds: ray.data.Dataset, spec: BatchSpec, *, batch_size: int | None = None,
-                     columns: Mapping[str, str] | Sequence[str] | None = None, ordered: bool = True,
-                     workers: int = 1, drop_last: bool = False, validate: bool = True,
-                     iter_options: Mapping[str, Any] | None = None, **feed_options: Any) -> Feed:
-    """A ``Feed`` whose batches are ``ds``'s, ``batch_size`` rows each (``Feed.from_ray_dataset``).
+def dataset_source(ds: ray.data.Dataset, spec: BatchSpec, *, batch_size: int | None = None,
+                   columns: Mapping[str, str] | Sequence[str] | None = None, ordered: bool = True,
+                   workers: int = 1, drop_last: bool = False, validate: bool = True,
+                   iter_options: Mapping[str, Any] | None = None, **feed_options: Any) -> dict[str, Any]:
+    """``Feed``'s keyword arguments for batches of ``ds``, ``batch_size`` rows each (``Feed.from_ray_dataset``).
 
     ``columns`` maps spec arrays to dataset columns (default: the same names;
     a list in spec order for positional specs). ``batch_size`` defaults to the
@@ -136,10 +137,8 @@ def from_ray_dataset(ds: ray.data.Dataset, spec: BatchSpec, *, batch_size: int |
     docstring); ``validate`` checks the first batch against the spec before
     any producer starts. ``iter_options`` go to ``iter_batches`` (e.g.
     ``prefetch_batches``, ``local_shuffle_buffer_size``); other keywords go
-    to ``Feed`` (``slots``, ``prefetch``, ``placement``, ``state``...).
+    to ``Feed`` (``slots``, ``prefetch``, ``placement``, ``state``...) unchanged.
     """
-    from .feed import Feed
-
     if not isinstance(spec, BatchSpec):
         raise errors.InvalidArgument(f"spec must be a BatchSpec, got {type(spec).__name__}")
     if not hasattr(ds, "iter_batches") or not hasattr(ds, "streaming_split"):
@@ -168,4 +167,4 @@ def from_ray_dataset(ds: ray.data.Dataset, spec: BatchSpec, *, batch_size: int |
     if workers > 1:
         shards = DatasetShards(ds.streaming_split(workers, equal=False), spec, cols, size, split=True,
                                preserve_order=False, drop_last=drop_last, iter_options=iter_options)
-    return Feed(spec, shards=shards, workers=workers, **feed_options)
+    return {**feed_options, "shards": shards, "workers": workers}

@@ -57,10 +57,12 @@ written once, straight into its slot.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import threading
 import time
-from typing import Any
+from collections.abc import Iterable
+from typing import Any, Callable
 
 import numpy as np
 import ray
@@ -69,7 +71,7 @@ from . import errors
 from .procs import wait_dead
 from .producer import Producer, _error_record
 from .ring import Ring, RingHandle, new_owner_token
-import contextlib
+from .spec import BatchSpec
 
 PLACEMENTS = ("node", "cluster")
 REMOTE_WINDOW = 3  # writes a remote producer may have in flight (its object-store footprint, in batches)
@@ -305,22 +307,31 @@ class Ingest:
 
 
 class ClusterPlacement:
-    """What the feed's dispatcher does differently when producers may run on other nodes."""
+    """What the feed's dispatcher does differently when producers may run on other nodes.
 
-    def __init__(self, dispatcher, options: dict[str, Any], actor_options: dict[str, Any]) -> None:
+    Given the parts a producer is made of (the ring, the source, the feed's
+    options), ``options`` (the dispatcher's actor options, ``actor_options``
+    merged in) and ``actor_options`` (the caller's, to tell whether it chose
+    a scheduling strategy itself).
+    """
+
+    def __init__(self, *, ring: Ring, spec: BatchSpec, kind: str, fn: Callable[..., Any], workers: int,
+                 seed: int, placement: str | tuple[str, ...], options: dict[str, Any],
+                 actor_options: dict[str, Any]) -> None:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         self._affinity = NodeAffinitySchedulingStrategy
-        self.dispatcher = dispatcher
-        self.feed = dispatcher.feed
-        self.ring = dispatcher.ring
-        self.placement = self.feed.placement
+        self.ring = ring
+        self.placement = placement
+        self._args = (spec, kind, fn)
+        self._workers = workers
+        self._seed = seed
         self.node = ray.get_runtime_context().get_node_id()
         self.window = REMOTE_WINDOW
         self._options = dict(options)
         self._user_strategy = "scheduling_strategy" in actor_options
         self._producer_cls = ray.remote(ClusterProducer)
-        concurrency = max(4, self.feed.workers * self.window + 2)
+        concurrency = max(4, workers * self.window + 2)
         self._ingest_cls = ray.remote(concurrency_groups={_CONTROL: 2})(Ingest).options(
             num_cpus=0, max_restarts=0, max_task_retries=0, max_concurrency=concurrency,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=self.node, soft=False))
@@ -339,9 +350,8 @@ class ClusterPlacement:
             raise errors.ShmfeedError(f"the ingest actor (which copies batches from other nodes into the "
                                       f"ring) failed to start on node {self.node}: {exc}") from exc
 
-    def start_actor(self, p):
-        """Start producer position ``p``'s next incarnation, placed as ``placement`` says."""
-        f = self.feed
+    def start_actor(self, worker: int):
+        """Start producer ``worker``'s next incarnation, placed as ``placement`` says."""
         options = dict(self._options)
         if not self._user_strategy:
             if self.placement == "cluster":
@@ -350,11 +360,12 @@ class ClusterPlacement:
                 nodes = self.placement
                 # Pinned while its node is alive; once the node is gone, the replacement starts
                 # wherever Ray can place it (a soft affinity to a dead node).
-                node = nodes[p.worker % len(nodes)]
+                node = nodes[worker % len(nodes)]
                 alive = any(n["NodeID"] == node and n["Alive"] for n in ray.nodes())
                 options["scheduling_strategy"] = self._affinity(node_id=node, soft=not alive)
+        spec, kind, fn = self._args
         return self._producer_cls.options(**options).remote(
-            self.ring.handle, f.spec, f.kind, f._fn, p.worker, f.workers, f.seed, os.getpid(), self.node,
+            self.ring.handle, spec, kind, fn, worker, self._workers, self._seed, os.getpid(), self.node,
             self.ingest, self.window)
 
     def reclaim(self, identity: dict[str, Any]) -> None:
@@ -383,8 +394,10 @@ class ClusterPlacement:
         self.ingest_restarts += 1
         self._start_ingest()
 
-    def summary(self) -> dict[str, Any]:
-        """Stats: batches and bytes that came from other nodes, and what copying them in cost."""
+    def summary(self, identities: Iterable[dict[str, Any] | None]) -> dict[str, Any]:
+        """Stats: batches and bytes that came from other nodes, and what copying them in cost.
+
+        ``identities``: each producer's ``identity()`` (None while it starts), to count the remote ones."""
         if self._final is not None:
             s = self._final
         else:
@@ -392,7 +405,7 @@ class ClusterPlacement:
             with contextlib.suppress(Exception):
                 s.update(ray.get(self.ingest.stats.remote(), timeout=10))
         n = s.get("batches", 0)
-        remote_workers = sum(1 for p in self.dispatcher.slots if (p.identity or {}).get("remote"))
+        remote_workers = sum(1 for ident in identities if (ident or {}).get("remote"))
         return {"placement": self.placement if isinstance(self.placement, str) else list(self.placement),
                 "remote_batches": n, "remote_bytes": s.get("bytes", 0),
                 "ingest_copy_s": s.get("copy_s", 0.0),

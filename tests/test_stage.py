@@ -407,16 +407,15 @@ class _FakeCuda:
 @pytest.mark.parametrize("register_rc, path", [(0, "cuda-registered"), (2, "cuda-pinned-pool")])
 def test_cuda_target_bookkeeping_with_a_stand_in_for_torch_cuda(feed, epochs, monkeypatch, register_rc, path):
     torch = pytest.importorskip("torch")
-    import pyshmfeed.stage as stage_module
+    import pyshmfeed.stage.torch_targets as torch_targets
+    from pyshmfeed.stage import FeedStaging
 
     fake = _FakeCuda(register_rc)
-    monkeypatch.setattr(stage_module, "_torch", fake.torch)
+    monkeypatch.setattr(torch_targets, "_torch", fake.torch)
     monkeypatch.setattr(torch.Tensor, "record_stream", lambda t, s: fake.recorded_streams.append(s),
                         raising=False)
-    staging = stage_module._FeedStaging.__new__(stage_module._FeedStaging)  # a private one: no cached state
-    staging.ring, staging.spec, staging.stats = feed.ring, feed.spec, stage_module.StageStats()
-    staging.targets, staging._registration, staging._closed = {}, None, False
-    target = stage_module.CudaTarget(staging, "cuda:0")
+    staging = FeedStaging(feed.ring, feed.spec)  # a private one, not the feed's: no cached state
+    target = torch_targets.CudaTarget(staging, "cuda:0")
     assert target.path == path and target.host_copies == (0 if register_rc == 0 else 1)
     released: list[int] = []
     got = []
