@@ -172,6 +172,11 @@ class Dispatcher(threading.Thread):
         if self._error is not None:
             raise self._error
 
+    def producer_counts(self) -> dict[str, int]:
+        """Producers running (started, taking work) and starting (Ray is starting them) now."""
+        running = sum(p.identity is not None for p in self.slots)
+        return {"running": running, "starting": len(self.slots) - running}
+
     def summary(self) -> dict[str, Any]:
         s = {"restarts": self.restarts, "reissued": self.reissued, "producer_busy_s": self._busy_s,
              "producer_wall_s": time.perf_counter() - self._t0}

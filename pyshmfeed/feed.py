@@ -483,6 +483,14 @@ class Feed:
             s.update(self._staging_stats())  # which staging path is active, and its figures
         return s
 
+    def producers(self) -> dict[str, int]:
+        """Producers now: ``running`` (started, making batches) and ``starting`` (Ray is starting them).
+
+        Cheap (no figures computed): for progress displays and for watching autotune work.
+        """
+        d = self._dispatcher
+        return d.producer_counts() if d is not None else {"running": 0, "starting": 0}
+
     @property
     def ring(self) -> Ring:
         """The underlying ring (for adapters and inspection)."""

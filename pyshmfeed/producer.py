@@ -134,7 +134,7 @@ class Producer:
             except errors.RingClosed:
                 return {"closed": True}
             except (Exception, KeyboardInterrupt, SystemExit) as exc:  # the source failed (even by exiting)
-                return {"error": {**_error_record(exc, index, self.worker), "seq": task.seq}}
+                return {"error": {**error_record(exc, index, self.worker), "seq": task.seq}}
             work.done(rec, busy)
 
     def _make(self, seq: int, index: int, ctx: SourceContext) -> float:
@@ -161,7 +161,7 @@ class Producer:
                 self._leave_if_orphaned()
                 return {"done": done, "busy_s": busy, "closed": True}
             except Exception as exc:  # a user function (or its batch) failed
-                error = {**_error_record(exc, index, self.worker), "seq": seq}  # seq: feed.py orders errors
+                error = {**error_record(exc, index, self.worker), "seq": seq}  # seq: feed.py orders errors
                 return {"done": done, "busy_s": busy, "error": error}
             done += 1
         return {"done": done, "busy_s": busy}
@@ -182,11 +182,11 @@ class Producer:
             self._leave_if_orphaned()
             return {"count": position, "busy_s": busy, "closed": True}
         except Exception as exc:
-            return {"count": position, "busy_s": busy, "error": _error_record(exc, position, self.worker)}
+            return {"count": position, "busy_s": busy, "error": error_record(exc, position, self.worker)}
         return {"count": position, "busy_s": busy}
 
 
-def _error_record(exc: BaseException, index: int, worker: int) -> dict[str, Any]:
+def error_record(exc: BaseException, index: int, worker: int) -> dict[str, Any]:
     return {"index": index, "worker": worker, "type": type(exc).__name__, "message": str(exc),
             "traceback": traceback.format_exc()}
 

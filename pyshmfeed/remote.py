@@ -69,7 +69,7 @@ import ray
 
 from . import errors
 from .procs import wait_dead
-from .producer import Producer, _error_record
+from .producer import Producer, error_record
 from .ring import Ring, RingHandle, new_owner_token
 from .spec import BatchSpec
 
@@ -214,7 +214,7 @@ class ClusterProducer(Producer):
             except errors.RingClosed:
                 result["closed"] = True
             except Exception as exc:  # the ingest refused a batch: report it like a source error
-                result.setdefault("error", _error_record(exc, -1, self.worker))
+                result.setdefault("error", error_record(exc, -1, self.worker))
         return result
 
 

@@ -268,6 +268,11 @@ class Supervisor(threading.Thread):
                              "decisions": [d.as_dict() for d in self.controller.decisions]}
         return s
 
+    def producer_counts(self) -> dict[str, int]:
+        """Producers running (started, taking work) and starting (Ray is starting them) now."""
+        live = [p for p in self.positions if p.active and not p.stopping]
+        return {"running": sum(p.pid is not None for p in live), "starting": sum(p.pid is None for p in live)}
+
     def workers_running(self) -> int:
         """Producer positions with a producer (running or starting), not counting ones being stopped."""
         return sum(1 for p in self.positions if p.active and not p.stopping)

@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                                         "spec", "work", "stats")),
     # raydata turns a ray.data.Dataset into a shards source; Feed.from_ray_dataset calls it.
     ("what producers run", ("source", "producer", "raydata")),
-    ("running producers", ("procs", "raylife", "supervisor", "dispatch", "remote")),
+    ("running producers", ("procs", "raylife", "autotune", "supervisor", "dispatch", "remote")),
     ("the consumer thread", ("stage",)),
     ("the feed", ("feed",)),
     ("front ends and tools", ("__init__", "__main__", "torch", "adapters", "cli", "bench", "doctor",
@@ -38,7 +38,6 @@ LAYER_OF = {name: rank for rank, (_, names) in enumerate(LAYERS) for name in nam
 # modules they belong to were outside the change that introduced this test; make the names public there
 # (they are used as an interface) and drop the entries.
 KNOWN_PRIVATE_USES = {
-    ("remote", "_error_record"),  # producer.py's error record, reused for an ingest that refused a batch
     ("work", "_live"),  # Ring._live/_wait: the work area calls C on the ring's mapping and waits like it
     ("work", "_wait"),
 }

@@ -62,7 +62,6 @@ class CPUSource:
 def _run(source, *, workers, step: float, seconds: float, warm: float, **options) -> dict[str, Any]:
     """Steady state: measured for ``seconds`` from ``warm`` seconds after every producer it started runs."""
     with sf.Feed(SPEC, fill=source, length=10**7, workers=workers, **options) as feed:
-        sup = feed._dispatcher
         batches = feed.epoch(0)
         t0 = time.perf_counter()
         n_warm = n = 0
@@ -73,14 +72,14 @@ def _run(source, *, workers, step: float, seconds: float, warm: float, **options
             del b
             now = time.perf_counter() - t0
             n += 1
-            if t_up is None and all(p.pid is not None for p in sup.slots if p.active):
+            if t_up is None and feed.producers()["starting"] == 0:
                 t_up = now  # every producer started (16 Ray actors take seconds on 2 cores)
             if t_warm is None and t_up is not None and now >= t_up + warm:
                 t_warm, n_warm = now, n
             if step:
                 time.sleep(step)
             if n % 10 == 0:
-                trace.append((round(now, 3), sup.workers_running(), n))
+                trace.append((round(now, 3), feed.producers()["running"], n))
             if t_warm is not None and now >= t_warm + seconds:
                 break
         batches.close()
