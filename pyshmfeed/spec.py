@@ -22,6 +22,7 @@ the metadata length are checked against this spec before a view is built.
 from __future__ import annotations
 
 import math
+import operator
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -82,6 +83,11 @@ class BatchSpec:
             arrays = named
         if isinstance(arrays, Mapping):
             items = list(arrays.items())
+            for name, _ in items:
+                # A name is how a batch finds its array: 1 and "1" would be one array under two keys.
+                if not isinstance(name, str):
+                    raise InvalidArgument(f"array name {name!r} ({type(name).__name__}) is not a string: "
+                                          f"name arrays with strings (use {str(name)!r})")
             self.positional = False
         elif isinstance(arrays, (list, tuple)):
             items = [(str(i), a) for i, a in enumerate(arrays)]
@@ -92,7 +98,7 @@ class BatchSpec:
             raise InvalidArgument("a BatchSpec needs at least one array")
         specs = []
         for name, desc in items:
-            specs.append(_array_spec(str(name), desc))
+            specs.append(_array_spec(name, desc))
         self.arrays: tuple[ArraySpec, ...] = tuple(specs)
         self.names: tuple[str, ...] = tuple(a.name for a in specs)
         self._by_name = {a.name: i for i, a in enumerate(specs)}
@@ -172,10 +178,11 @@ def _array_spec(name: str, desc: Any) -> ArraySpec:
         return ArraySpec(name, desc.shape, desc.dtype)
     try:
         shape, dtype = desc
-        shape = tuple(int(d) for d in (shape if isinstance(shape, (tuple, list)) else (shape,)))
+        dims = shape if isinstance(shape, (tuple, list)) else (shape,)
         dtype = np.dtype(dtype)
     except (TypeError, ValueError) as exc:
         raise InvalidArgument(f"array {name!r}: expected (shape, dtype), got {desc!r}") from exc
+    shape = tuple(_dimension(name, d) for d in dims)
     if len(shape) > MAX_DIMS:
         raise InvalidArgument(f"array {name!r}: rank {len(shape)} is over the maximum of {MAX_DIMS}")
     if any(d <= 0 for d in shape):
@@ -184,6 +191,16 @@ def _array_spec(name: str, desc: Any) -> ArraySpec:
         raise InvalidArgument(f"array {name!r}: dtype {dtype} holds Python objects, which cannot live in "
                               "shared memory")
     return ArraySpec(name, shape, dtype)
+
+
+def _dimension(name: str, d: Any) -> int:
+    """A maximum dimension as an int: 2.5 (or 2.0) and True are refused, not rounded or counted as 1."""
+    if isinstance(d, (bool, np.bool_)):
+        raise InvalidArgument(f"array {name!r}: dimension {d!r} is a bool, not a size")
+    try:
+        return operator.index(d)  # ints and numpy integers; never a float
+    except TypeError:
+        raise InvalidArgument(f"array {name!r}: dimension {d!r} ({type(d).__name__}) is not an int") from None
 
 
 class SlotLayout:
