@@ -62,7 +62,7 @@ static void clock_begin(wait_clock *c, int64_t timeout_ns)
 }
 
 /* Called before each sleep; returns the status to give up with, or OK. */
-static int clock_may_sleep(wait_clock *c)
+SHMFEED_MUST_USE static int clock_may_sleep(wait_clock *c)
 {
     if (c->timeout_ns == 0)
         return SHMFEED_E_AGAIN;
@@ -136,7 +136,7 @@ static void pause_for_owner(int spins, uint64_t deadline_ns)
 
 /* Take the owner lock, then move the slot word from `w` (FREE) to CLAIMED.
  * Returns 1 on success, 0 if the slot moved on or the lock is held. */
-static int try_claim_slot(shmfeed_ring *r, uint32_t slot, uint64_t w, uint64_t seq, uint64_t owner,
+SHMFEED_MUST_USE static int try_claim_slot(shmfeed_ring *r, uint32_t slot, uint64_t w, uint64_t seq, uint64_t owner,
                           shmfeed_claimed *out)
 {
     shm_slot_desc *d = ring_desc(r, slot);
@@ -172,7 +172,8 @@ static int try_claim_slot(shmfeed_ring *r, uint32_t slot, uint64_t w, uint64_t s
     return 1;
 }
 
-static int claim_ordered(shmfeed_ring *r, uint64_t seq, uint64_t owner, wait_clock *c, shmfeed_claimed *out)
+SHMFEED_MUST_USE static int claim_ordered(shmfeed_ring *r, uint64_t seq, uint64_t owner, wait_clock *c,
+                                          shmfeed_claimed *out)
 {
     uint32_t slot = (uint32_t)(seq % r->slot_count);
     shm_slot_desc *d = ring_desc(r, slot);
@@ -200,7 +201,8 @@ static int claim_ordered(shmfeed_ring *r, uint64_t seq, uint64_t owner, wait_clo
     }
 }
 
-static int claim_unordered(shmfeed_ring *r, uint64_t seq, uint64_t owner, wait_clock *c, shmfeed_claimed *out)
+SHMFEED_MUST_USE static int claim_unordered(shmfeed_ring *r, uint64_t seq, uint64_t owner, wait_clock *c,
+                                            shmfeed_claimed *out)
 {
     shm_event *released = &ring_counters(r)->released;
     int rc, spins = 0;
@@ -233,7 +235,8 @@ static int claim_unordered(shmfeed_ring *r, uint64_t seq, uint64_t owner, wait_c
     }
 }
 
-int shmfeed_claim(shmfeed_ring *r, uint64_t seq, uint64_t owner, int64_t timeout_ns, shmfeed_claimed *out)
+SHMFEED_MUST_USE int shmfeed_claim(shmfeed_ring *r, uint64_t seq, uint64_t owner, int64_t timeout_ns,
+                                   shmfeed_claimed *out)
 {
     wait_clock c;
     int rc;
@@ -246,7 +249,7 @@ int shmfeed_claim(shmfeed_ring *r, uint64_t seq, uint64_t owner, int64_t timeout
     return rc;
 }
 
-static int check_claim(const shmfeed_ring *r, const shmfeed_claimed *c)
+SHMFEED_MUST_USE static int check_claim(const shmfeed_ring *r, const shmfeed_claimed *c)
 {
     if (!r || !c || c->slot >= r->slot_count || word_state(c->token) != SHMFEED_SLOT_CLAIMED)
         return SHMFEED_E_INVAL;
@@ -254,7 +257,7 @@ static int check_claim(const shmfeed_ring *r, const shmfeed_claimed *c)
 }
 
 /* Why a CAS from the claim token failed. */
-static int claim_lost(shmfeed_ring *r, const shmfeed_claimed *c, uint64_t now)
+SHMFEED_MUST_USE static int claim_lost(shmfeed_ring *r, const shmfeed_claimed *c, uint64_t now)
 {
     if (word_gen(now) == word_gen(c->token) && word_seq(now) == word_seq(c->token) &&
         word_state(now) >= SHMFEED_SLOT_READY)
@@ -268,7 +271,7 @@ static int claim_lost(shmfeed_ring *r, const shmfeed_claimed *c, uint64_t now)
     return SHMFEED_E_STALE;
 }
 
-int shmfeed_commit(shmfeed_ring *r, const shmfeed_claimed *c, uint64_t payload_len)
+SHMFEED_MUST_USE int shmfeed_commit(shmfeed_ring *r, const shmfeed_claimed *c, uint64_t payload_len)
 {
     int rc;
     if ((rc = check_claim(r, c)))
@@ -299,7 +302,7 @@ int shmfeed_commit(shmfeed_ring *r, const shmfeed_claimed *c, uint64_t payload_l
     return SHMFEED_OK;
 }
 
-int shmfeed_abort(shmfeed_ring *r, const shmfeed_claimed *c)
+SHMFEED_MUST_USE int shmfeed_abort(shmfeed_ring *r, const shmfeed_claimed *c)
 {
     int rc;
     if ((rc = check_claim(r, c)))
@@ -320,7 +323,7 @@ int shmfeed_abort(shmfeed_ring *r, const shmfeed_claimed *c)
     return SHMFEED_OK;
 }
 
-static int take_ready(shmfeed_ring *r, uint32_t slot, uint64_t w, shmfeed_acquired *out)
+SHMFEED_MUST_USE static int take_ready(shmfeed_ring *r, uint32_t slot, uint64_t w, shmfeed_acquired *out)
 {
     shm_slot_desc *d = ring_desc(r, slot);
     uint64_t expected = w;
@@ -338,7 +341,7 @@ static int take_ready(shmfeed_ring *r, uint32_t slot, uint64_t w, shmfeed_acquir
     return 1;
 }
 
-int shmfeed_acquire(shmfeed_ring *r, int64_t timeout_ns, shmfeed_acquired *out)
+SHMFEED_MUST_USE int shmfeed_acquire(shmfeed_ring *r, int64_t timeout_ns, shmfeed_acquired *out)
 {
     wait_clock c;
     int rc = SHMFEED_OK;
@@ -396,7 +399,7 @@ int shmfeed_acquire(shmfeed_ring *r, int64_t timeout_ns, shmfeed_acquired *out)
     return SHMFEED_OK;
 }
 
-int shmfeed_release(shmfeed_ring *r, const shmfeed_acquired *a)
+SHMFEED_MUST_USE int shmfeed_release(shmfeed_ring *r, const shmfeed_acquired *a)
 {
     if (!r || !a || a->slot >= r->slot_count || word_state(a->token) != SHMFEED_SLOT_ACQUIRED)
         return SHMFEED_E_INVAL;
@@ -415,7 +418,7 @@ int shmfeed_release(shmfeed_ring *r, const shmfeed_acquired *a)
     return SHMFEED_OK;
 }
 
-int shmfeed_reclaim(shmfeed_ring *r, uint64_t owner, uint64_t *seqs, uint32_t cap, uint32_t *n_out)
+SHMFEED_MUST_USE int shmfeed_reclaim(shmfeed_ring *r, uint64_t owner, uint64_t *seqs, uint32_t cap, uint32_t *n_out)
 {
     uint32_t n = 0;
     if (!r || owner == 0 || !n_out || (cap && !seqs))
@@ -453,7 +456,7 @@ int shmfeed_reclaim(shmfeed_ring *r, uint64_t owner, uint64_t *seqs, uint32_t ca
     return n > cap ? SHMFEED_E_TOOBIG : SHMFEED_OK;
 }
 
-int shmfeed_seq_committed(const shmfeed_ring *r, uint64_t seq, int32_t *out)
+SHMFEED_MUST_USE int shmfeed_seq_committed(const shmfeed_ring *r, uint64_t seq, int32_t *out)
 {
     if (!r || !out || !ordered(r))
         return SHMFEED_E_INVAL;
@@ -463,7 +466,7 @@ int shmfeed_seq_committed(const shmfeed_ring *r, uint64_t seq, int32_t *out)
     return SHMFEED_OK;
 }
 
-int shmfeed_close(shmfeed_ring *r, int32_t code, const char *message)
+SHMFEED_MUST_USE int shmfeed_close(shmfeed_ring *r, int32_t code, const char *message)
 {
     if (!r || code == 0)
         return SHMFEED_E_INVAL;
@@ -487,7 +490,7 @@ int shmfeed_close(shmfeed_ring *r, int32_t code, const char *message)
     return SHMFEED_OK;
 }
 
-int shmfeed_close_reason(const shmfeed_ring *r, int32_t *code_out, char *buf, size_t buflen)
+SHMFEED_MUST_USE int shmfeed_close_reason(const shmfeed_ring *r, int32_t *code_out, char *buf, size_t buflen)
 {
     if (!r || !code_out)
         return SHMFEED_E_INVAL;
@@ -514,7 +517,7 @@ int shmfeed_close_reason(const shmfeed_ring *r, int32_t *code_out, char *buf, si
     return SHMFEED_OK;
 }
 
-int shmfeed_counters_read(const shmfeed_ring *r, shmfeed_counters *o)
+SHMFEED_MUST_USE int shmfeed_counters_read(const shmfeed_ring *r, shmfeed_counters *o)
 {
     if (!r || !o)
         return SHMFEED_E_INVAL;
@@ -534,7 +537,7 @@ int shmfeed_counters_read(const shmfeed_ring *r, shmfeed_counters *o)
     return SHMFEED_OK;
 }
 
-int shmfeed_slot_info_read(const shmfeed_ring *r, uint32_t slot, shmfeed_slot_info *o)
+SHMFEED_MUST_USE int shmfeed_slot_info_read(const shmfeed_ring *r, uint32_t slot, shmfeed_slot_info *o)
 {
     if (!r || !o || slot >= r->slot_count)
         return SHMFEED_E_INVAL;

@@ -15,6 +15,14 @@
 #error "futex waits on the low half of a 64-bit word assume little-endian"
 #endif
 
+/* A status that must be looked at (STYLE.md, "results that must be used"): put on the
+ * definitions of status-returning functions in the .c files, so a call inside the library
+ * that drops one is a compiler warning. It lives here, not in shmfeed.h: the Python build
+ * feeds shmfeed.h to cffi with its # lines removed, so a macro defined there would reach
+ * cdef undefined. GCC warns even through a (void) cast; a status ignored on purpose is
+ * written `if (f(...)) { }` with a comment saying why. */
+#define SHMFEED_MUST_USE __attribute__((warn_unused_result))
+
 struct shmfeed_ring {
     uint8_t *base;            /* start of the mapping */
     uint64_t map_bytes;       /* length of the mapping, from fstat, not the header */

@@ -40,7 +40,7 @@ static int fail(char *err, size_t errlen, int status, const char *fmt, ...)
     return status;
 }
 
-static int round_up(uint64_t v, uint64_t align, uint64_t *out)
+SHMFEED_MUST_USE static int round_up(uint64_t v, uint64_t align, uint64_t *out)
 {
     if (v > UINT64_MAX - (align - 1))
         return -1;
@@ -49,7 +49,7 @@ static int round_up(uint64_t v, uint64_t align, uint64_t *out)
 }
 
 /* Offsets of a ring of this shape; -1 on overflow. */
-static int compute_geometry(uint32_t slot_count, uint64_t slot_bytes, uint64_t *stride,
+SHMFEED_MUST_USE static int compute_geometry(uint32_t slot_count, uint64_t slot_bytes, uint64_t *stride,
                             uint64_t *data_offset, uint64_t *total)
 {
     uint64_t desc_end, slots_bytes;
@@ -65,7 +65,7 @@ static int compute_geometry(uint32_t slot_count, uint64_t slot_bytes, uint64_t *
     return 0;
 }
 
-int shmfeed_ring_size_for(uint32_t slot_count, uint64_t slot_bytes, uint64_t *out)
+SHMFEED_MUST_USE int shmfeed_ring_size_for(uint32_t slot_count, uint64_t slot_bytes, uint64_t *out)
 {
     uint64_t stride, data_offset;
     if (!out || slot_count == 0 || slot_count > SHMFEED_MAX_SLOTS || slot_bytes == 0 ||
@@ -148,13 +148,13 @@ static void cap_by_cgroups(uint64_t *avail)
 
 /* MemAvailable, capped by the memory cgroup's limit (containers) and, for named
  * segments, by the free space of the /dev/shm mount. */
-int shmfeed_memory_available(uint32_t flags, uint64_t *out)
+SHMFEED_MUST_USE int shmfeed_memory_available(uint32_t flags, uint64_t *out)
 {
     uint64_t avail = UINT64_MAX;
     char line[256];
-    FILE *f = fopen("/proc/meminfo", "re");
     if (!out)
-        return SHMFEED_E_INVAL;
+        return SHMFEED_E_INVAL; /* before the fopen: nothing to close on this path */
+    FILE *f = fopen("/proc/meminfo", "re");
     if (f) {
         while (fgets(line, sizeof line, f)) {
             unsigned long long kb;
@@ -178,7 +178,7 @@ int shmfeed_memory_available(uint32_t flags, uint64_t *out)
     return SHMFEED_OK;
 }
 
-static int open_backing(shmfeed_ring *r, uint32_t flags, char *err, size_t errlen)
+SHMFEED_MUST_USE static int open_backing(shmfeed_ring *r, uint32_t flags, char *err, size_t errlen)
 {
     if (!(flags & SHMFEED_NAMED)) {
         r->fd = memfd_create("pyshmfeed-ring", MFD_CLOEXEC | MFD_ALLOW_SEALING);
@@ -216,8 +216,8 @@ static void ring_free(shmfeed_ring *r)
     free(r);
 }
 
-int shmfeed_ring_create(uint32_t slot_count, uint64_t slot_bytes, uint32_t flags,
-                        shmfeed_ring **out, char *err, size_t errlen)
+SHMFEED_MUST_USE int shmfeed_ring_create(uint32_t slot_count, uint64_t slot_bytes, uint32_t flags,
+                                         shmfeed_ring **out, char *err, size_t errlen)
 {
     uint64_t stride, data_offset, total, avail;
     int rc;
@@ -235,7 +235,8 @@ int shmfeed_ring_create(uint32_t slot_count, uint64_t slot_bytes, uint32_t flags
     if (compute_geometry(slot_count, slot_bytes, &stride, &data_offset, &total))
         return fail(err, errlen, SHMFEED_E_INVAL, "%u slots of %llu bytes overflow a 64-bit size",
                     slot_count, (unsigned long long)slot_bytes);
-    shmfeed_memory_available(flags, &avail);
+    if (shmfeed_memory_available(flags, &avail) != SHMFEED_OK)
+        avail = UINT64_MAX; /* cannot fail with a non-NULL out; were it to, fallocate still checks */
     if (total > avail)
         return fail(err, errlen, SHMFEED_E_NOMEM,
                     "the ring needs %llu bytes (%u slots x %llu bytes + %llu bytes of header) but only "
@@ -268,8 +269,15 @@ int shmfeed_ring_create(uint32_t slot_count, uint64_t slot_bytes, uint32_t flags
         ring_free(r);
         return rc;
     }
-    if (!(flags & SHMFEED_NAMED))
-        (void)fcntl(r->fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL);
+    /* The seals are what make a memfd ring safe from truncation by another process: a
+     * memfd that cannot be sealed is refused rather than run unprotected. */
+    if (!(flags & SHMFEED_NAMED) && fcntl(r->fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) {
+        rc = fail(err, errlen, SHMFEED_E_SYS,
+                  "sealing the memfd against resizing failed: %s; without the seals another process could "
+                  "truncate it under the ring (use backing=\"named\")", strerror(errno));
+        ring_free(r);
+        return rc;
+    }
     r->map_bytes = total;
     r->base = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, r->fd, 0);
     if (r->base == MAP_FAILED) {
@@ -305,19 +313,22 @@ int shmfeed_ring_create(uint32_t slot_count, uint64_t slot_bytes, uint32_t flags
     h->created_ns = shmfeed_clock_ns();
     for (uint32_t i = 0; i < slot_count; i++)
         store_relaxed64(&ring_desc(r, i)->word, word_make(0, i, SHMFEED_SLOT_FREE));
-    __atomic_store_n(&h->magic, SHMFEED_MAGIC, __ATOMIC_RELEASE);
+    store_release_plain64(&h->magic, SHMFEED_MAGIC); /* pairs with validate()'s load_acquire_plain64 */
     *out = r;
     return SHMFEED_OK;
 }
 
 /* Validate a header against the real mapping size; fill r's private copy. */
-static int validate(shmfeed_ring *r, char *err, size_t errlen)
+SHMFEED_MUST_USE static int validate(shmfeed_ring *r, char *err, size_t errlen)
 {
     /* Validate a private snapshot: a writer changing the header while we
      * check it cannot make us accept one value and use another. */
     shm_header snap;
     const shm_header *h = &snap;
     uint64_t stride, data_offset, total;
+    if (load_acquire_plain64(&ring_header(r)->magic) != SHMFEED_MAGIC) /* pairs with create's release */
+        return fail(err, errlen, SHMFEED_E_CORRUPT, "bad magic 0x%016llx: not a pyshmfeed ring",
+                    (unsigned long long)ring_header(r)->magic);
     memcpy(&snap, ring_header(r), offsetof(shm_header, closed));
     if (h->magic != SHMFEED_MAGIC)
         return fail(err, errlen, SHMFEED_E_CORRUPT, "bad magic 0x%016llx: not a pyshmfeed ring",
@@ -359,7 +370,7 @@ static int validate(shmfeed_ring *r, char *err, size_t errlen)
     return SHMFEED_OK;
 }
 
-int shmfeed_ring_attach(const char *path, shmfeed_ring **out, char *err, size_t errlen)
+SHMFEED_MUST_USE int shmfeed_ring_attach(const char *path, shmfeed_ring **out, char *err, size_t errlen)
 {
     struct stat st;
     int rc;
@@ -406,7 +417,7 @@ int shmfeed_ring_attach(const char *path, shmfeed_ring **out, char *err, size_t 
     return SHMFEED_OK;
 }
 
-int shmfeed_ring_detach(shmfeed_ring *r)
+SHMFEED_MUST_USE int shmfeed_ring_detach(shmfeed_ring *r)
 {
     if (!r)
         return SHMFEED_E_INVAL;
@@ -414,7 +425,7 @@ int shmfeed_ring_detach(shmfeed_ring *r)
     return SHMFEED_OK;
 }
 
-int shmfeed_ring_path(const shmfeed_ring *r, char *buf, size_t buflen)
+SHMFEED_MUST_USE int shmfeed_ring_path(const shmfeed_ring *r, char *buf, size_t buflen)
 {
     if (!r || !buf || buflen <= strlen(r->path))
         return SHMFEED_E_INVAL;
@@ -422,7 +433,7 @@ int shmfeed_ring_path(const shmfeed_ring *r, char *buf, size_t buflen)
     return SHMFEED_OK;
 }
 
-int shmfeed_ring_geometry(const shmfeed_ring *r, shmfeed_geometry *g)
+SHMFEED_MUST_USE int shmfeed_ring_geometry(const shmfeed_ring *r, shmfeed_geometry *g)
 {
     if (!r || !g)
         return SHMFEED_E_INVAL;
@@ -437,7 +448,7 @@ int shmfeed_ring_geometry(const shmfeed_ring *r, shmfeed_geometry *g)
     return SHMFEED_OK;
 }
 
-int shmfeed_ring_base(const shmfeed_ring *r, uint8_t **out)
+SHMFEED_MUST_USE int shmfeed_ring_base(const shmfeed_ring *r, uint8_t **out)
 {
     if (!r || !out)
         return SHMFEED_E_INVAL;

@@ -565,6 +565,28 @@ static int test_named_segment(void)
     return expect_attach_fails(path, SHMFEED_E_NOENT, path);
 }
 
+/* ---- faults, round 2 -------------------------------------------------------- */
+
+static int count_fds(void)
+{
+    int n = 0;
+    char path[64];
+    for (int fd = 0; fd < 1024; fd++) {
+        snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+        n += access(path, F_OK) == 0;
+    }
+    return n;
+}
+
+static int test_memory_available_with_no_out_leaks_nothing(void)
+{
+    int before = count_fds();
+    for (int i = 0; i < 50; i++)
+        CHECK_RC(shmfeed_memory_available(0, NULL), SHMFEED_E_INVAL);
+    CHECK_EQ(count_fds(), before); /* it used to fopen /proc/meminfo first and never close it */
+    return 0;
+}
+
 int main(void)
 {
     int failures = 0;
@@ -589,6 +611,7 @@ int main(void)
     RUN(failures, test_attach_inconsistent_geometry);
     RUN(failures, test_attach_huge_consistent_geometry);
     RUN(failures, test_named_segment);
+    RUN(failures, test_memory_available_with_no_out_leaks_nothing);
     if (failures)
         fprintf(stderr, "test_segment: %d failed\n", failures);
     return failures ? T_EXIT_FAIL : T_EXIT_PASS;
