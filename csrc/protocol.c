@@ -26,6 +26,12 @@
  * and then futex-waits on the low 32 bits of the word; a waker publishes the
  * new word and reads the waiter count with a seq_cst RMW, making the wake
  * syscall only if somebody sleeps (atomics.h states the pairing).
+ *
+ * Scribbled descriptors: a slot word that no protocol step could have written
+ * (ordered mode: a sequence the ring could not have handed out on that slot)
+ * is SHMFEED_E_CORRUPT at once, not a wait that times out forever. Every check
+ * of shared data comes before the CAS that would change the slot, so an error
+ * never leaves a slot moved that the caller has no token to move back.
  */
 #define _GNU_SOURCE
 #include <sched.h>
@@ -180,11 +186,15 @@ SHMFEED_MUST_USE static int claim_ordered(shmfeed_ring *r, uint64_t seq, uint64_
     uint64_t want = seq & WORD_SEQ_MASK;
     int spins = 0, rc;
     for (;;) {
+        if ((rc = shmfeed_backing_check(r, 0)))
+            return rc;
         if (is_closed(r))
             return SHMFEED_E_CLOSED;
         uint64_t w = load_acquire64(&d->word); /* pairs with release()/abort()/reclaim() */
         uint64_t s = word_seq(w), st = word_state(w);
         if (s == want && st == SHMFEED_SLOT_FREE) {
+            if ((rc = shmfeed_backing_check(r, 1))) /* the slot's pages are all there: checked last */
+                return rc;
             if (try_claim_slot(r, slot, w, seq, owner, out))
                 return SHMFEED_OK;
             if ((rc = clock_may_sleep(c)))
@@ -192,6 +202,10 @@ SHMFEED_MUST_USE static int claim_ordered(shmfeed_ring *r, uint64_t seq, uint64_
             pause_for_owner(spins++, c->deadline_ns);
             continue;
         }
+        /* Slot i only ever holds sequences i, i + N, i + 2N...: any other was written by no
+         * claim or release (sequences stay below 2^46 - N, where the 46-bit field would wrap). */
+        if (s % r->slot_count != slot)
+            return SHMFEED_E_CORRUPT;
         /* Batch `seq` was already committed: a duplicate claim. */
         if (seq_after(s, want) || (s == want && st >= SHMFEED_SLOT_READY))
             return SHMFEED_E_STALE;
@@ -207,6 +221,8 @@ SHMFEED_MUST_USE static int claim_unordered(shmfeed_ring *r, uint64_t seq, uint6
     shm_event *released = &ring_counters(r)->released;
     int rc, spins = 0;
     for (;;) {
+        if ((rc = shmfeed_backing_check(r, 1)))
+            return rc;
         if (is_closed(r))
             return SHMFEED_E_CLOSED;
         uint32_t seen = load_acquire32(&released->count);
@@ -244,6 +260,8 @@ SHMFEED_MUST_USE int shmfeed_claim(shmfeed_ring *r, uint64_t seq, uint64_t owner
         return SHMFEED_E_INVAL;
     clock_begin(&c, timeout_ns);
     rc = ordered(r) ? claim_ordered(r, seq, owner, &c, out) : claim_unordered(r, seq, owner, &c, out);
+    if (rc != SHMFEED_OK && shmfeed_backing_check(r, 0))
+        return SHMFEED_E_CORRUPT; /* what it read was the SIGBUS guard's zeros, not the ring */
     shm_producer_counters *pc = &ring_counters(r)->producer;
     clock_account(&c, &pc->waits, &pc->wait_ns);
     return rc;
@@ -274,7 +292,7 @@ SHMFEED_MUST_USE static int claim_lost(shmfeed_ring *r, const shmfeed_claimed *c
 SHMFEED_MUST_USE int shmfeed_commit(shmfeed_ring *r, const shmfeed_claimed *c, uint64_t payload_len)
 {
     int rc;
-    if ((rc = check_claim(r, c)))
+    if ((rc = check_claim(r, c)) || (rc = shmfeed_backing_check(r, 0)))
         return rc;
     if (payload_len > r->slot_bytes)
         return SHMFEED_E_TOOBIG; /* the claim stays valid: abort it or commit less */
@@ -305,7 +323,7 @@ SHMFEED_MUST_USE int shmfeed_commit(shmfeed_ring *r, const shmfeed_claimed *c, u
 SHMFEED_MUST_USE int shmfeed_abort(shmfeed_ring *r, const shmfeed_claimed *c)
 {
     int rc;
-    if ((rc = check_claim(r, c)))
+    if ((rc = check_claim(r, c)) || (rc = shmfeed_backing_check(r, 0)))
         return rc;
     shm_slot_desc *d = ring_desc(r, c->slot);
     uint64_t expected = c->token;
@@ -323,15 +341,15 @@ SHMFEED_MUST_USE int shmfeed_abort(shmfeed_ring *r, const shmfeed_claimed *c)
     return SHMFEED_OK;
 }
 
-SHMFEED_MUST_USE static int take_ready(shmfeed_ring *r, uint32_t slot, uint64_t w, shmfeed_acquired *out)
+/* Move READY slot `slot` (word w, payload length len already checked) to ACQUIRED. */
+SHMFEED_MUST_USE static int take_ready(shmfeed_ring *r, uint32_t slot, uint64_t w, uint64_t len,
+                                       shmfeed_acquired *out)
 {
     shm_slot_desc *d = ring_desc(r, slot);
     uint64_t expected = w;
     uint64_t acquired = word_make(word_gen(w), word_seq(w), SHMFEED_SLOT_ACQUIRED);
     if (!cas64(&d->word, &expected, acquired))
         return 0;
-    /* Published by the producer's commit CAS, which our acquire load read. */
-    uint64_t len = load_relaxed64(&d->payload_len);
     out->slot = slot;
     out->reserved = 0;
     out->seq = ordered(r) ? word_seq(w) : load_relaxed64(&d->batch_seq);
@@ -339,6 +357,29 @@ SHMFEED_MUST_USE static int take_ready(shmfeed_ring *r, uint32_t slot, uint64_t 
     out->commit_ns = load_relaxed64(&d->commit_ns);
     out->token = acquired;
     return 1;
+}
+
+/* The payload length of a READY slot whose word the caller read with load_acquire (which
+ * pairs with the commit CAS that published the length), or SHMFEED_E_CORRUPT if it does not
+ * fit the slot. Read before the take: the length a caller gets is the one checked here. */
+SHMFEED_MUST_USE static int ready_length(const shmfeed_ring *r, uint32_t slot, uint64_t *len)
+{
+    *len = load_relaxed64(&ring_desc(r, slot)->payload_len);
+    if (*len > r->slot_bytes) /* never trust a length from shared memory */
+        return SHMFEED_E_CORRUPT;
+    return shmfeed_backing_check(r, 1); /* and the slot's pages must all be there */
+}
+
+/* Ordered mode: can the consumer, at head h, see word w on slot h mod N? Sequence h in any
+ * state (free for it, claimed, ready; acquired only in the instant before a racing
+ * consumer's head store), or sequence h - N acquired (the consumer still holds that batch:
+ * it may hold several). Every other word was written by no protocol step. */
+static int ordered_word_possible(const shmfeed_ring *r, uint64_t w, uint64_t head)
+{
+    uint64_t s = word_seq(w);
+    if (s == (head & WORD_SEQ_MASK))
+        return 1;
+    return s == ((head - r->slot_count) & WORD_SEQ_MASK) && word_state(w) == SHMFEED_SLOT_ACQUIRED;
 }
 
 SHMFEED_MUST_USE int shmfeed_acquire(shmfeed_ring *r, int64_t timeout_ns, shmfeed_acquired *out)
@@ -350,14 +391,23 @@ SHMFEED_MUST_USE int shmfeed_acquire(shmfeed_ring *r, int64_t timeout_ns, shmfee
     shm_counters *k = ring_counters(r);
     clock_begin(&c, timeout_ns);
     for (;;) {
+        uint64_t len;
+        if ((rc = shmfeed_backing_check(r, 0)))
+            break;
         if (ordered(r)) {
             uint64_t head = load_relaxed64(&k->consumer.head); /* single consumer */
             uint32_t slot = (uint32_t)(head % r->slot_count);
             shm_slot_desc *d = ring_desc(r, slot);
             uint64_t w = load_acquire64(&d->word); /* pairs with commit's CAS */
-            if (word_seq(w) == (head & WORD_SEQ_MASK) && word_state(w) == SHMFEED_SLOT_READY &&
-                take_ready(r, slot, w, out)) {
-                store_relaxed64(&k->consumer.head, head + 1);
+            if (word_seq(w) == (head & WORD_SEQ_MASK) && word_state(w) == SHMFEED_SLOT_READY) {
+                if ((rc = ready_length(r, slot, &len)))
+                    break; /* the slot is still READY: nothing was taken, nothing to give back */
+                if (take_ready(r, slot, w, len, out)) {
+                    store_relaxed64(&k->consumer.head, head + 1);
+                    break;
+                }
+            } else if (!ordered_word_possible(r, w, head) && load_relaxed64(&k->consumer.head) == head) {
+                rc = SHMFEED_E_CORRUPT; /* (a head that moved meanwhile: another consumer; look again) */
                 break;
             }
             if (is_closed(r)) { rc = SHMFEED_E_CLOSED; break; }
@@ -380,8 +430,12 @@ SHMFEED_MUST_USE int shmfeed_acquire(shmfeed_ring *r, int64_t timeout_ns, shmfee
                     best_word = w;
                 }
             }
-            if (best != UINT32_MAX && take_ready(r, best, best_word, out))
-                break;
+            if (best != UINT32_MAX) {
+                if ((rc = ready_length(r, best, &len)))
+                    break; /* before the take: the slot stays READY */
+                if (take_ready(r, best, best_word, len, out))
+                    break;
+            }
             if (best != UINT32_MAX)
                 continue; /* lost a race with a hostile writer: rescan */
             if (is_closed(r)) { rc = SHMFEED_E_CLOSED; break; }
@@ -390,12 +444,12 @@ SHMFEED_MUST_USE int shmfeed_acquire(shmfeed_ring *r, int64_t timeout_ns, shmfee
             sleep_on_event(&k->committed, seen, c.deadline_ns);
         }
     }
+    if (rc != SHMFEED_OK && shmfeed_backing_check(r, 0))
+        return SHMFEED_E_CORRUPT; /* what it read was the SIGBUS guard's zeros, not the ring */
     clock_account(&c, &k->consumer.waits, &k->consumer.wait_ns);
     if (rc)
         return rc;
     add_relaxed64(&k->consumer.acquires, 1);
-    if (out->payload_len > r->slot_bytes) /* never trust a length from shared memory */
-        return SHMFEED_E_CORRUPT;
     return SHMFEED_OK;
 }
 
@@ -403,6 +457,9 @@ SHMFEED_MUST_USE int shmfeed_release(shmfeed_ring *r, const shmfeed_acquired *a)
 {
     if (!r || !a || a->slot >= r->slot_count || word_state(a->token) != SHMFEED_SLOT_ACQUIRED)
         return SHMFEED_E_INVAL;
+    int rc = shmfeed_backing_check(r, 0);
+    if (rc)
+        return rc;
     shm_slot_desc *d = ring_desc(r, a->slot);
     uint64_t expected = a->token;
     uint64_t next_seq = word_seq(a->token) + (ordered(r) ? r->slot_count : 1);
@@ -423,6 +480,9 @@ SHMFEED_MUST_USE int shmfeed_reclaim(shmfeed_ring *r, uint64_t owner, uint64_t *
     uint32_t n = 0;
     if (!r || owner == 0 || !n_out || (cap && !seqs))
         return SHMFEED_E_INVAL;
+    int rc = shmfeed_backing_check(r, 0);
+    if (rc)
+        return rc;
     for (uint32_t i = 0; i < r->slot_count; i++) {
         shm_slot_desc *d = ring_desc(r, i);
         if (load_acquire64(&d->owner) != owner)
@@ -453,6 +513,8 @@ SHMFEED_MUST_USE int shmfeed_reclaim(shmfeed_ring *r, uint64_t owner, uint64_t *
     if (!ordered(r) && n)
         signal_event(&ring_counters(r)->released);
     *n_out = n;
+    if ((rc = shmfeed_backing_check(r, 0))) /* the scan read zeros past a truncated end */
+        return rc;
     return n > cap ? SHMFEED_E_TOOBIG : SHMFEED_OK;
 }
 
@@ -463,7 +525,7 @@ SHMFEED_MUST_USE int shmfeed_seq_committed(const shmfeed_ring *r, uint64_t seq, 
     uint64_t want = seq & WORD_SEQ_MASK;
     uint64_t w = load_acquire64(&ring_desc(r, (uint32_t)(seq % r->slot_count))->word);
     *out = seq_after(word_seq(w), want) || (word_seq(w) == want && word_state(w) >= SHMFEED_SLOT_READY);
-    return SHMFEED_OK;
+    return shmfeed_backing_check(r, 0);
 }
 
 SHMFEED_MUST_USE int shmfeed_close(shmfeed_ring *r, int32_t code, const char *message)
@@ -534,7 +596,7 @@ SHMFEED_MUST_USE int shmfeed_counters_read(const shmfeed_ring *r, shmfeed_counte
     o->consumer_waits = load_relaxed64(&k->consumer.waits);
     o->consumer_wait_ns = load_relaxed64(&k->consumer.wait_ns);
     o->consumer_head = load_relaxed64(&k->consumer.head);
-    return SHMFEED_OK;
+    return shmfeed_backing_check(r, 0); /* zeros read past a truncated end are not counters */
 }
 
 SHMFEED_MUST_USE int shmfeed_slot_info_read(const shmfeed_ring *r, uint32_t slot, shmfeed_slot_info *o)
@@ -550,5 +612,5 @@ SHMFEED_MUST_USE int shmfeed_slot_info_read(const shmfeed_ring *r, uint32_t slot
     o->payload_len = load_relaxed64(&d->payload_len);
     o->claim_ns = load_relaxed64(&d->claim_ns);
     o->commit_ns = load_relaxed64(&d->commit_ns);
-    return SHMFEED_OK;
+    return shmfeed_backing_check(r, 0);
 }

@@ -7,6 +7,7 @@
 #define SHMFEED_RING_INTERNAL_H
 
 #include <stdint.h>
+#include <sys/types.h>
 
 #include "layout.h"
 #include "shmfeed.h"
@@ -26,8 +27,13 @@
 struct shmfeed_ring {
     uint8_t *base;            /* start of the mapping */
     uint64_t map_bytes;       /* length of the mapping, from fstat, not the header */
-    int fd;
+    int fd;                   /* -1 once retired: the segment is given up, the range kept */
     int is_creator;
+    pid_t opened_by;          /* the process that made this handle: only it may unlink the name
+                                 (a fork()ed child holds a copy of the handle, not the segment) */
+    int unsealed;             /* the backing can be truncated (named segment): checked, guarded */
+    int guard;                /* then: this mapping's entry in the SIGBUS guard (segment.c), or -1 */
+    int retired;              /* shmfeed_ring_retire ran: fd closed, name gone, range zero pages */
     uint32_t slot_count;      /* private copy of the validated geometry */
     uint32_t flags;
     uint64_t slot_bytes;
@@ -48,6 +54,17 @@ static inline shm_counters *ring_counters(const struct shmfeed_ring *r)
 static inline shm_slot_desc *ring_desc(const struct shmfeed_ring *r, uint32_t slot)
 {
     return (shm_slot_desc *)(r->base + SHMFEED_DESC_OFFSET) + slot;
+}
+
+/* Named backing: is the file still as long as the mapping? Another process of the same
+ * user can ftruncate it (memfd rings are sealed against that). SHMFEED_E_CORRUPT once a
+ * fault past the end was caught by the SIGBUS guard (segment.c), or, with stat_now, when
+ * fstat shows the file shorter than the mapping: called before a slot is handed out.
+ * Free for memfd rings (one branch), so every protocol call may ask. */
+SHMFEED_MUST_USE int shmfeed_backing_check_unsealed(const struct shmfeed_ring *r, int stat_now);
+SHMFEED_MUST_USE static inline int shmfeed_backing_check(const struct shmfeed_ring *r, int stat_now)
+{
+    return r->unsealed ? shmfeed_backing_check_unsealed(r, stat_now) : SHMFEED_OK; /* memfd: inline, free */
 }
 
 uint64_t shmfeed_clock_ns(void);
