@@ -22,6 +22,7 @@ from .errors import (
     SlotStateError,
     SpecMismatch,
     StaleClaim,
+    StaleView,
     Timeout,
     WouldBlock,
 )
@@ -37,6 +38,6 @@ __all__ = [
     "Ring", "RingHandle", "ProducerSlot", "ConsumerSlot",
     "ShmfeedError", "InvalidArgument", "NoSpace", "SegmentError", "SegmentNotFound",
     "SegmentPermissionError", "CorruptSegment", "LayoutVersionMismatch", "Timeout", "WouldBlock",
-    "RingClosed", "StaleClaim", "SlotStateError", "PayloadTooLarge", "SpecMismatch", "ProducerError",
+    "RingClosed", "StaleClaim", "StaleView", "SlotStateError", "PayloadTooLarge", "SpecMismatch", "ProducerError",
     "ProducerLost", "ConsumerGone",
 ]

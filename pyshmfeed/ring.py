@@ -16,7 +16,8 @@ array's base chain ends at the owner. ``detach()`` gives the segment up at
 once (``shmfeed_ring_retire``: descriptor closed, name unlinked, the range
 turned into private zero pages, so the shared memory is freed now) and the
 range itself is unmapped when the last view of it is gone. A view kept past
-``detach()`` therefore reads zeros, never another batch and never a fault.
+``detach()`` therefore reads zeros, never another batch and never a fault;
+in debug mode (``views.py``) a consumer view says so with ``StaleView``.
 
 NOTE [fork]: a ``fork()``ed child holds copies of its parent's ``Ring``
 objects. They are not its rings: in the child they are detached (every call
@@ -42,7 +43,7 @@ from typing import Callable
 
 import numpy as np
 
-from . import errors, registry
+from . import errors, registry, views
 from ._ffi import ERR_BYTES, check, ffi, lib
 
 # Why a ring was closed (the code stored in the segment beside the message).
@@ -122,7 +123,7 @@ class Ring:
     ``detach()``; detaching twice is harmless.
     """
 
-    def __init__(self, _ptr, *, owner: int | None = None) -> None:
+    def __init__(self, _ptr, *, owner: int | None = None, debug_views: bool | None = None) -> None:
         base = ffi.new("uint8_t **")
         check(lib.shmfeed_ring_base(_ptr, base), "reading ring base")
         # NOTE [mapping lifetime]: from here on the handle is freed by _base's finalizer, when
@@ -153,12 +154,15 @@ class Ring:
         self._next_unordered_seq = 0
         self._record: str | None = None  # registry record (for inspect/cleanup)
         self._record_pid = os.getpid()
+        self.debug_views: bool = views.debug_views_enabled(debug_views)
+        self._consumer_slot = _PoisoningConsumerSlot if self.debug_views else ConsumerSlot
         _LIVE_RINGS.add(self)
 
     # ---- lifetime ---------------------------------------------------------
 
     @classmethod
-    def create(cls, slots: int, slot_bytes: int, *, ordered: bool = True, backing: str = "memfd") -> "Ring":
+    def create(cls, slots: int, slot_bytes: int, *, ordered: bool = True, backing: str = "memfd",
+               debug_views: bool | None = None) -> "Ring":
         """Create a ring; every page is reserved now (``NoSpace`` if the machine is short).
 
         ``backing`` is ``"memfd"`` (default: anonymous, nothing left behind by a
@@ -166,6 +170,9 @@ class Ring:
         ``"named"`` (a 0600 POSIX segment with a random name, for systems without
         memfd; another process that truncates it makes the ring's calls raise
         ``CorruptSegment``, and a read of a view past the new end reads zeros).
+        ``debug_views`` (default: the ``PYSHMFEED_DEBUG_VIEWS`` environment
+        variable) poisons each slot on release and makes ``ConsumerSlot.array``
+        views raise ``StaleView`` when read after their release (``views.py``).
         """
         if not isinstance(slots, int) or not isinstance(slot_bytes, int):
             raise errors.InvalidArgument(f"slots and slot_bytes must be ints, got {slots!r}, {slot_bytes!r}")
@@ -179,18 +186,19 @@ class Ring:
         out = ffi.new("shmfeed_ring **")
         err = ffi.new("char[]", ERR_BYTES)
         check(lib.shmfeed_ring_create(slots, slot_bytes, flags, out, err, ERR_BYTES), "creating ring", err)
-        ring = cls(out[0])
+        ring = cls(out[0], debug_views=debug_views)
         ring._record = registry.record(ring, "creator", backing)
         return ring
 
     @classmethod
-    def attach(cls, handle: "RingHandle | str", *, owner: int | None = None) -> "Ring":
+    def attach(cls, handle: "RingHandle | str", *, owner: int | None = None,
+               debug_views: bool | None = None) -> "Ring":
         """Attach to a ring created by another process; validates the whole header first."""
         path = handle.path if isinstance(handle, RingHandle) else str(handle)
         out = ffi.new("shmfeed_ring **")
         err = ffi.new("char[]", ERR_BYTES)
         check(lib.shmfeed_ring_attach(path.encode(), out, err, ERR_BYTES), f"attaching ring {path}", err)
-        ring = cls(out[0], owner=owner)
+        ring = cls(out[0], owner=owner, debug_views=debug_views)
         ring._record = registry.record(ring, "attached")
         return ring
 
@@ -393,11 +401,11 @@ class Ring:
         # errors, counters and timeouts are exactly those of the loop alone.
         rc = lib.shmfeed_acquire(ptr, 0, out)
         if rc == _OK:
-            return ConsumerSlot(self, out)
+            return self._consumer_slot(self, out)
         if rc != _E_AGAIN:
             self._check_wait(rc, "acquiring the next batch")
         self._wait(lambda ns: lib.shmfeed_acquire(ptr, ns, out), "acquiring the next batch", timeout, stop)
-        return ConsumerSlot(self, out)
+        return self._consumer_slot(self, out)
 
     def try_acquire(self) -> "ConsumerSlot | None":
         """``acquire`` without waiting: ``None`` when nothing is ready."""
@@ -601,6 +609,26 @@ class ConsumerSlot:
     def __exit__(self, *exc) -> None:
         if not self._released:
             self.release()
+
+
+class _PoisoningConsumerSlot(ConsumerSlot):
+    """Debug mode (``views.py``): guarded array views, and the slot poisoned when it is released."""
+
+    __slots__ = ()
+
+    def array(self, dtype, shape, offset: int = 0, *, writable: bool = False) -> np.ndarray:
+        return views.guarded(super().array(dtype, shape, offset, writable=writable), self._check_fresh)
+
+    def _check_fresh(self) -> None:
+        if self._released:
+            raise errors.StaleView(f"batch {self.seq}: a view of slot {self.slot} was read after the slot was "
+                                   "released; the slot now holds another batch (copy what you keep before "
+                                   "releasing: array.copy(), batch.copy())")
+
+    def release(self) -> None:
+        if not self._released:  # still ours: no producer writes it until the release below
+            np.frombuffer(self._ring.slot_buffer(self.slot), dtype=np.uint8).fill(views.POISON)
+        super().release()
 
 
 def _view(ring: Ring, slot: int, dtype, shape, offset: int, limit: int, *, writable: bool) -> np.ndarray:

@@ -17,6 +17,13 @@ one ``np.ndarray`` over slot memory: no copy on either side.
 
 The consumer never trusts the header: the array count, every dimension and
 the metadata length are checked against this spec before a view is built.
+
+Debug mode (``PYSHMFEED_DEBUG_VIEWS=1`` or ``SlotLayout(..., debug_views=True)``,
+see ``views.py``): the views ``SlotLayout.read`` returns raise ``StaleView`` when
+read once the slot no longer holds their batch. The batch's identity in the
+slot header (its ring sequence: one per acquire) is the generation each read
+compares; a released slot is poisoned by a debug ring, and a reused one holds
+another sequence.
 """
 
 from __future__ import annotations
@@ -30,7 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CorruptSegment, InvalidArgument, SpecMismatch
+from . import views as debug
+from .errors import CorruptSegment, InvalidArgument, SpecMismatch, StaleView
 
 MAX_DIMS = 8
 META_BYTES = 256
@@ -213,7 +221,7 @@ class SlotLayout:
     Python cost, so it is kept to a few microseconds.
     """
 
-    def __init__(self, spec: BatchSpec, buffer: Any, slot_bytes: int) -> None:
+    def __init__(self, spec: BatchSpec, buffer: Any, slot_bytes: int, *, debug_views: bool | None = None) -> None:
         if spec.slot_bytes > slot_bytes:
             raise InvalidArgument(f"{spec} needs {spec.slot_bytes} bytes per slot, the ring's slots have "
                                   f"{slot_bytes}")
@@ -234,6 +242,8 @@ class SlotLayout:
         self.header = self.raw[: _HEADER.size].view(_FIXED_HEADER)[0:1]
         self.shapes = self.raw[spec._shapes_offset: spec._shapes_offset + n * MAX_DIMS * 8].view("<i8") \
             .reshape(n, MAX_DIMS)
+        if debug.debug_views_enabled(debug_views):
+            self.read = self._read_guarded  # chosen once: the plain read pays nothing for debug mode
 
     # ---- producer -----------------------------------------------------------
 
@@ -308,6 +318,20 @@ class SlotLayout:
         ident = {"index": index, "epoch": epoch, "seq": seq, "worker": worker}
         meta = bytes(self.mem[spec._meta_offset: spec._meta_offset + meta_len]) if meta_len else b""
         return ident, views, meta
+
+    def _read_guarded(self, nbytes: int) -> tuple[dict[str, int], list[np.ndarray], bytes]:
+        """``read`` in debug mode: views that raise ``StaleView`` once the slot holds something else."""
+        header = bytes(self.mem[: _HEADER.size])  # identity and ring sequence: one per acquire
+        ident, views, meta = SlotLayout.read(self, nbytes)
+        mem = self.mem
+
+        def check_fresh() -> None:
+            if mem[: _HEADER.size] != header:
+                raise StaleView(f"batch index {ident['index']} (epoch {ident['epoch']}, ring seq {ident['seq']}) "
+                                "was read after its slot was released: the slot now holds another batch or "
+                                "the release poison (copy what you keep: batch.copy())")
+
+        return ident, [debug.guarded(v, check_fresh) for v in views], meta
 
 
 class Batch(Mapping):
