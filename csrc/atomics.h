@@ -46,6 +46,14 @@ static inline void store_release32(atomic_u32 *p, uint32_t v) { atomic_store_exp
 static inline void store_relaxed64(atomic_u64 *p, uint64_t v) { atomic_store_explicit(p, v, memory_order_relaxed); }
 static inline void store_relaxed32(atomic_u32 *p, uint32_t v) { atomic_store_explicit(p, v, memory_order_relaxed); }
 
+/* The header's magic is a plain uint64_t in the layout (layout.h), not an _Atomic one, so it
+ * goes through the compiler builtins; these are the only two such accesses. store_release_plain64
+ * (the creator's last header write) pairs with attach's load_acquire_plain64 of the magic: an
+ * attacher that sees the magic sees the whole header. (Attach also learns the path only after
+ * create returned, through some IPC, which orders it anyway; the pair makes that not matter.) */
+static inline void store_release_plain64(uint64_t *p, uint64_t v) { __atomic_store_n(p, v, __ATOMIC_RELEASE); }
+static inline uint64_t load_acquire_plain64(const uint64_t *p) { return __atomic_load_n(p, __ATOMIC_ACQUIRE); }
+
 /* On failure *expected receives the current value. */
 static inline int cas64(atomic_u64 *p, uint64_t *expected, uint64_t desired)
 {

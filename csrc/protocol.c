@@ -26,6 +26,12 @@
  * and then futex-waits on the low 32 bits of the word; a waker publishes the
  * new word and reads the waiter count with a seq_cst RMW, making the wake
  * syscall only if somebody sleeps (atomics.h states the pairing).
+ *
+ * Scribbled descriptors: a slot word that no protocol step could have written
+ * (ordered mode: a sequence the ring could not have handed out on that slot)
+ * is SHMFEED_E_CORRUPT at once, not a wait that times out forever. Every check
+ * of shared data comes before the CAS that would change the slot, so an error
+ * never leaves a slot moved that the caller has no token to move back.
  */
 #define _GNU_SOURCE
 #include <sched.h>
@@ -54,7 +60,7 @@ void clock_begin(wait_clock *c, int64_t timeout_ns)
 }
 
 /* Called before each sleep; returns the status to give up with, or OK. */
-int clock_may_sleep(wait_clock *c)
+SHMFEED_MUST_USE int clock_may_sleep(wait_clock *c)
 {
     if (c->timeout_ns == 0)
         return SHMFEED_E_AGAIN;
@@ -128,7 +134,7 @@ static void pause_for_owner(int spins, uint64_t deadline_ns)
 
 /* Take the owner lock, then move the slot word from `w` (FREE) to CLAIMED.
  * Returns 1 on success, 0 if the slot moved on or the lock is held. */
-static int try_claim_slot(shmfeed_ring *r, uint32_t slot, uint64_t w, uint64_t seq, uint64_t owner,
+SHMFEED_MUST_USE static int try_claim_slot(shmfeed_ring *r, uint32_t slot, uint64_t w, uint64_t seq, uint64_t owner,
                           shmfeed_claimed *out)
 {
     shm_slot_desc *d = ring_desc(r, slot);
@@ -164,18 +170,23 @@ static int try_claim_slot(shmfeed_ring *r, uint32_t slot, uint64_t w, uint64_t s
     return 1;
 }
 
-static int claim_ordered(shmfeed_ring *r, uint64_t seq, uint64_t owner, wait_clock *c, shmfeed_claimed *out)
+SHMFEED_MUST_USE static int claim_ordered(shmfeed_ring *r, uint64_t seq, uint64_t owner, wait_clock *c,
+                                          shmfeed_claimed *out)
 {
     uint32_t slot = (uint32_t)(seq % r->slot_count);
     shm_slot_desc *d = ring_desc(r, slot);
     uint64_t want = seq & WORD_SEQ_MASK;
     int spins = 0, rc;
     for (;;) {
+        if ((rc = shmfeed_backing_check(r, 0)))
+            return rc;
         if (is_closed(r))
             return SHMFEED_E_CLOSED;
         uint64_t w = load_acquire64(&d->word); /* pairs with release()/abort()/reclaim() */
         uint64_t s = word_seq(w), st = word_state(w);
         if (s == want && st == SHMFEED_SLOT_FREE) {
+            if ((rc = shmfeed_backing_check(r, 1))) /* the slot's pages are all there: checked last */
+                return rc;
             if (try_claim_slot(r, slot, w, seq, owner, out))
                 return SHMFEED_OK;
             if ((rc = clock_may_sleep(c)))
@@ -183,6 +194,10 @@ static int claim_ordered(shmfeed_ring *r, uint64_t seq, uint64_t owner, wait_clo
             pause_for_owner(spins++, c->deadline_ns);
             continue;
         }
+        /* Slot i only ever holds sequences i, i + N, i + 2N...: any other was written by no
+         * claim or release (sequences stay below 2^46 - N, where the 46-bit field would wrap). */
+        if (s % r->slot_count != slot)
+            return SHMFEED_E_CORRUPT;
         /* Batch `seq` was already committed: a duplicate claim. */
         if (seq_after(s, want) || (s == want && st >= SHMFEED_SLOT_READY))
             return SHMFEED_E_STALE;
@@ -192,11 +207,14 @@ static int claim_ordered(shmfeed_ring *r, uint64_t seq, uint64_t owner, wait_clo
     }
 }
 
-static int claim_unordered(shmfeed_ring *r, uint64_t seq, uint64_t owner, wait_clock *c, shmfeed_claimed *out)
+SHMFEED_MUST_USE static int claim_unordered(shmfeed_ring *r, uint64_t seq, uint64_t owner, wait_clock *c,
+                                            shmfeed_claimed *out)
 {
     shm_event *released = &ring_counters(r)->released;
     int rc, spins = 0;
     for (;;) {
+        if ((rc = shmfeed_backing_check(r, 1)))
+            return rc;
         if (is_closed(r))
             return SHMFEED_E_CLOSED;
         uint32_t seen = load_acquire32(&released->count);
@@ -225,7 +243,8 @@ static int claim_unordered(shmfeed_ring *r, uint64_t seq, uint64_t owner, wait_c
     }
 }
 
-int shmfeed_claim(shmfeed_ring *r, uint64_t seq, uint64_t owner, int64_t timeout_ns, shmfeed_claimed *out)
+SHMFEED_MUST_USE int shmfeed_claim(shmfeed_ring *r, uint64_t seq, uint64_t owner, int64_t timeout_ns,
+                                   shmfeed_claimed *out)
 {
     wait_clock c;
     int rc;
@@ -233,12 +252,14 @@ int shmfeed_claim(shmfeed_ring *r, uint64_t seq, uint64_t owner, int64_t timeout
         return SHMFEED_E_INVAL;
     clock_begin(&c, timeout_ns);
     rc = ordered(r) ? claim_ordered(r, seq, owner, &c, out) : claim_unordered(r, seq, owner, &c, out);
+    if (rc != SHMFEED_OK && shmfeed_backing_check(r, 0))
+        return SHMFEED_E_CORRUPT; /* what it read was the SIGBUS guard's zeros, not the ring */
     shm_producer_counters *pc = &ring_counters(r)->producer;
     clock_account(&c, &pc->waits, &pc->wait_ns);
     return rc;
 }
 
-static int check_claim(const shmfeed_ring *r, const shmfeed_claimed *c)
+SHMFEED_MUST_USE static int check_claim(const shmfeed_ring *r, const shmfeed_claimed *c)
 {
     if (!r || !c || c->slot >= r->slot_count || word_state(c->token) != SHMFEED_SLOT_CLAIMED)
         return SHMFEED_E_INVAL;
@@ -246,7 +267,7 @@ static int check_claim(const shmfeed_ring *r, const shmfeed_claimed *c)
 }
 
 /* Why a CAS from the claim token failed. */
-static int claim_lost(shmfeed_ring *r, const shmfeed_claimed *c, uint64_t now)
+SHMFEED_MUST_USE static int claim_lost(shmfeed_ring *r, const shmfeed_claimed *c, uint64_t now)
 {
     if (word_gen(now) == word_gen(c->token) && word_seq(now) == word_seq(c->token) &&
         word_state(now) >= SHMFEED_SLOT_READY)
@@ -260,10 +281,10 @@ static int claim_lost(shmfeed_ring *r, const shmfeed_claimed *c, uint64_t now)
     return SHMFEED_E_STALE;
 }
 
-int shmfeed_commit(shmfeed_ring *r, const shmfeed_claimed *c, uint64_t payload_len)
+SHMFEED_MUST_USE int shmfeed_commit(shmfeed_ring *r, const shmfeed_claimed *c, uint64_t payload_len)
 {
     int rc;
-    if ((rc = check_claim(r, c)))
+    if ((rc = check_claim(r, c)) || (rc = shmfeed_backing_check(r, 0)))
         return rc;
     if (payload_len > r->slot_bytes)
         return SHMFEED_E_TOOBIG; /* the claim stays valid: abort it or commit less */
@@ -291,10 +312,10 @@ int shmfeed_commit(shmfeed_ring *r, const shmfeed_claimed *c, uint64_t payload_l
     return SHMFEED_OK;
 }
 
-int shmfeed_abort(shmfeed_ring *r, const shmfeed_claimed *c)
+SHMFEED_MUST_USE int shmfeed_abort(shmfeed_ring *r, const shmfeed_claimed *c)
 {
     int rc;
-    if ((rc = check_claim(r, c)))
+    if ((rc = check_claim(r, c)) || (rc = shmfeed_backing_check(r, 0)))
         return rc;
     shm_slot_desc *d = ring_desc(r, c->slot);
     uint64_t expected = c->token;
@@ -312,15 +333,15 @@ int shmfeed_abort(shmfeed_ring *r, const shmfeed_claimed *c)
     return SHMFEED_OK;
 }
 
-static int take_ready(shmfeed_ring *r, uint32_t slot, uint64_t w, shmfeed_acquired *out)
+/* Move READY slot `slot` (word w, payload length len already checked) to ACQUIRED. */
+SHMFEED_MUST_USE static int take_ready(shmfeed_ring *r, uint32_t slot, uint64_t w, uint64_t len,
+                                       shmfeed_acquired *out)
 {
     shm_slot_desc *d = ring_desc(r, slot);
     uint64_t expected = w;
     uint64_t acquired = word_make(word_gen(w), word_seq(w), SHMFEED_SLOT_ACQUIRED);
     if (!cas64(&d->word, &expected, acquired))
         return 0;
-    /* Published by the producer's commit CAS, which our acquire load read. */
-    uint64_t len = load_relaxed64(&d->payload_len);
     out->slot = slot;
     out->reserved = 0;
     out->seq = ordered(r) ? word_seq(w) : load_relaxed64(&d->batch_seq);
@@ -330,7 +351,30 @@ static int take_ready(shmfeed_ring *r, uint32_t slot, uint64_t w, shmfeed_acquir
     return 1;
 }
 
-int shmfeed_acquire(shmfeed_ring *r, int64_t timeout_ns, shmfeed_acquired *out)
+/* The payload length of a READY slot whose word the caller read with load_acquire (which
+ * pairs with the commit CAS that published the length), or SHMFEED_E_CORRUPT if it does not
+ * fit the slot. Read before the take: the length a caller gets is the one checked here. */
+SHMFEED_MUST_USE static int ready_length(const shmfeed_ring *r, uint32_t slot, uint64_t *len)
+{
+    *len = load_relaxed64(&ring_desc(r, slot)->payload_len);
+    if (*len > r->slot_bytes) /* never trust a length from shared memory */
+        return SHMFEED_E_CORRUPT;
+    return shmfeed_backing_check(r, 1); /* and the slot's pages must all be there */
+}
+
+/* Ordered mode: can the consumer, at head h, see word w on slot h mod N? Sequence h in any
+ * state (free for it, claimed, ready; acquired only in the instant before a racing
+ * consumer's head store), or sequence h - N acquired (the consumer still holds that batch:
+ * it may hold several). Every other word was written by no protocol step. */
+static int ordered_word_possible(const shmfeed_ring *r, uint64_t w, uint64_t head)
+{
+    uint64_t s = word_seq(w);
+    if (s == (head & WORD_SEQ_MASK))
+        return 1;
+    return s == ((head - r->slot_count) & WORD_SEQ_MASK) && word_state(w) == SHMFEED_SLOT_ACQUIRED;
+}
+
+SHMFEED_MUST_USE int shmfeed_acquire(shmfeed_ring *r, int64_t timeout_ns, shmfeed_acquired *out)
 {
     wait_clock c;
     int rc = SHMFEED_OK;
@@ -339,14 +383,23 @@ int shmfeed_acquire(shmfeed_ring *r, int64_t timeout_ns, shmfeed_acquired *out)
     shm_counters *k = ring_counters(r);
     clock_begin(&c, timeout_ns);
     for (;;) {
+        uint64_t len;
+        if ((rc = shmfeed_backing_check(r, 0)))
+            break;
         if (ordered(r)) {
             uint64_t head = load_relaxed64(&k->consumer.head); /* single consumer */
             uint32_t slot = (uint32_t)(head % r->slot_count);
             shm_slot_desc *d = ring_desc(r, slot);
             uint64_t w = load_acquire64(&d->word); /* pairs with commit's CAS */
-            if (word_seq(w) == (head & WORD_SEQ_MASK) && word_state(w) == SHMFEED_SLOT_READY &&
-                take_ready(r, slot, w, out)) {
-                store_relaxed64(&k->consumer.head, head + 1);
+            if (word_seq(w) == (head & WORD_SEQ_MASK) && word_state(w) == SHMFEED_SLOT_READY) {
+                if ((rc = ready_length(r, slot, &len)))
+                    break; /* the slot is still READY: nothing was taken, nothing to give back */
+                if (take_ready(r, slot, w, len, out)) {
+                    store_relaxed64(&k->consumer.head, head + 1);
+                    break;
+                }
+            } else if (!ordered_word_possible(r, w, head) && load_relaxed64(&k->consumer.head) == head) {
+                rc = SHMFEED_E_CORRUPT; /* (a head that moved meanwhile: another consumer; look again) */
                 break;
             }
             if (is_closed(r)) { rc = SHMFEED_E_CLOSED; break; }
@@ -369,8 +422,12 @@ int shmfeed_acquire(shmfeed_ring *r, int64_t timeout_ns, shmfeed_acquired *out)
                     best_word = w;
                 }
             }
-            if (best != UINT32_MAX && take_ready(r, best, best_word, out))
-                break;
+            if (best != UINT32_MAX) {
+                if ((rc = ready_length(r, best, &len)))
+                    break; /* before the take: the slot stays READY */
+                if (take_ready(r, best, best_word, len, out))
+                    break;
+            }
             if (best != UINT32_MAX)
                 continue; /* lost a race with a hostile writer: rescan */
             if (is_closed(r)) { rc = SHMFEED_E_CLOSED; break; }
@@ -379,19 +436,22 @@ int shmfeed_acquire(shmfeed_ring *r, int64_t timeout_ns, shmfeed_acquired *out)
             sleep_on_event(&k->committed, seen, c.deadline_ns);
         }
     }
+    if (rc != SHMFEED_OK && shmfeed_backing_check(r, 0))
+        return SHMFEED_E_CORRUPT; /* what it read was the SIGBUS guard's zeros, not the ring */
     clock_account(&c, &k->consumer.waits, &k->consumer.wait_ns);
     if (rc)
         return rc;
     add_relaxed64(&k->consumer.acquires, 1);
-    if (out->payload_len > r->slot_bytes) /* never trust a length from shared memory */
-        return SHMFEED_E_CORRUPT;
     return SHMFEED_OK;
 }
 
-int shmfeed_release(shmfeed_ring *r, const shmfeed_acquired *a)
+SHMFEED_MUST_USE int shmfeed_release(shmfeed_ring *r, const shmfeed_acquired *a)
 {
     if (!r || !a || a->slot >= r->slot_count || word_state(a->token) != SHMFEED_SLOT_ACQUIRED)
         return SHMFEED_E_INVAL;
+    int rc = shmfeed_backing_check(r, 0);
+    if (rc)
+        return rc;
     shm_slot_desc *d = ring_desc(r, a->slot);
     uint64_t expected = a->token;
     uint64_t next_seq = word_seq(a->token) + (ordered(r) ? r->slot_count : 1);
@@ -407,11 +467,14 @@ int shmfeed_release(shmfeed_ring *r, const shmfeed_acquired *a)
     return SHMFEED_OK;
 }
 
-int shmfeed_reclaim(shmfeed_ring *r, uint64_t owner, uint64_t *seqs, uint32_t cap, uint32_t *n_out)
+SHMFEED_MUST_USE int shmfeed_reclaim(shmfeed_ring *r, uint64_t owner, uint64_t *seqs, uint32_t cap, uint32_t *n_out)
 {
     uint32_t n = 0;
     if (!r || owner == 0 || !n_out || (cap && !seqs))
         return SHMFEED_E_INVAL;
+    int rc = shmfeed_backing_check(r, 0);
+    if (rc)
+        return rc;
     for (uint32_t i = 0; i < r->slot_count; i++) {
         shm_slot_desc *d = ring_desc(r, i);
         if (load_acquire64(&d->owner) != owner)
@@ -442,20 +505,22 @@ int shmfeed_reclaim(shmfeed_ring *r, uint64_t owner, uint64_t *seqs, uint32_t ca
     if (!ordered(r) && n)
         signal_event(&ring_counters(r)->released);
     *n_out = n;
+    if ((rc = shmfeed_backing_check(r, 0))) /* the scan read zeros past a truncated end */
+        return rc;
     return n > cap ? SHMFEED_E_TOOBIG : SHMFEED_OK;
 }
 
-int shmfeed_seq_committed(const shmfeed_ring *r, uint64_t seq, int32_t *out)
+SHMFEED_MUST_USE int shmfeed_seq_committed(const shmfeed_ring *r, uint64_t seq, int32_t *out)
 {
     if (!r || !out || !ordered(r))
         return SHMFEED_E_INVAL;
     uint64_t want = seq & WORD_SEQ_MASK;
     uint64_t w = load_acquire64(&ring_desc(r, (uint32_t)(seq % r->slot_count))->word);
     *out = seq_after(word_seq(w), want) || (word_seq(w) == want && word_state(w) >= SHMFEED_SLOT_READY);
-    return SHMFEED_OK;
+    return shmfeed_backing_check(r, 0);
 }
 
-int shmfeed_close(shmfeed_ring *r, int32_t code, const char *message)
+SHMFEED_MUST_USE int shmfeed_close(shmfeed_ring *r, int32_t code, const char *message)
 {
     if (!r || code == 0)
         return SHMFEED_E_INVAL;
@@ -481,7 +546,7 @@ int shmfeed_close(shmfeed_ring *r, int32_t code, const char *message)
     return SHMFEED_OK;
 }
 
-int shmfeed_close_reason(const shmfeed_ring *r, int32_t *code_out, char *buf, size_t buflen)
+SHMFEED_MUST_USE int shmfeed_close_reason(const shmfeed_ring *r, int32_t *code_out, char *buf, size_t buflen)
 {
     if (!r || !code_out)
         return SHMFEED_E_INVAL;
@@ -508,7 +573,7 @@ int shmfeed_close_reason(const shmfeed_ring *r, int32_t *code_out, char *buf, si
     return SHMFEED_OK;
 }
 
-int shmfeed_counters_read(const shmfeed_ring *r, shmfeed_counters *o)
+SHMFEED_MUST_USE int shmfeed_counters_read(const shmfeed_ring *r, shmfeed_counters *o)
 {
     if (!r || !o)
         return SHMFEED_E_INVAL;
@@ -525,10 +590,10 @@ int shmfeed_counters_read(const shmfeed_ring *r, shmfeed_counters *o)
     o->consumer_waits = load_relaxed64(&k->consumer.waits);
     o->consumer_wait_ns = load_relaxed64(&k->consumer.wait_ns);
     o->consumer_head = load_relaxed64(&k->consumer.head);
-    return SHMFEED_OK;
+    return shmfeed_backing_check(r, 0); /* zeros read past a truncated end are not counters */
 }
 
-int shmfeed_slot_info_read(const shmfeed_ring *r, uint32_t slot, shmfeed_slot_info *o)
+SHMFEED_MUST_USE int shmfeed_slot_info_read(const shmfeed_ring *r, uint32_t slot, shmfeed_slot_info *o)
 {
     if (!r || !o || slot >= r->slot_count)
         return SHMFEED_E_INVAL;
@@ -541,5 +606,5 @@ int shmfeed_slot_info_read(const shmfeed_ring *r, uint32_t slot, shmfeed_slot_in
     o->payload_len = load_relaxed64(&d->payload_len);
     o->claim_ns = load_relaxed64(&d->claim_ns);
     o->commit_ns = load_relaxed64(&d->commit_ns);
-    return SHMFEED_OK;
+    return shmfeed_backing_check(r, 0);
 }

@@ -7,6 +7,7 @@
 #define SHMFEED_RING_INTERNAL_H
 
 #include <stdint.h>
+#include <sys/types.h>
 
 #include "layout.h"
 #include "shmfeed.h"
@@ -14,35 +15,26 @@
 #if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "futex waits on the low half of a 64-bit word assume little-endian"
 
-/* ---- waiting, shared by protocol.c (slots) and work.c (tasks) ------------ */
-
-/* Deadline for a timeout: 0 means none (wait forever, slice by slice). */
-typedef struct wait_clock {
-    int64_t timeout_ns;
-    uint64_t start_ns;
-    uint64_t deadline_ns;
-    int waited;
-} wait_clock;
-
-void clock_begin(wait_clock *c, int64_t timeout_ns);
-/* Called before each sleep; returns the status to give up with, or OK. */
-int clock_may_sleep(wait_clock *c);
-void clock_account(const wait_clock *c, atomic_u64 *waits, atomic_u64 *wait_ns);
-void sleep_on_word(shm_slot_desc *d, uint64_t seen, uint64_t deadline_ns);
-void wake_word(shm_slot_desc *d);
-void sleep_on_event(shm_event *ev, uint32_t seen, uint64_t deadline_ns);
-void signal_event(shm_event *ev);
-int is_closed(const struct shmfeed_ring *r);
-/* a is after b in the 46-bit sequence space (wrap-safe). */
-int seq_after(uint64_t a, uint64_t b);
-
 #endif
+
+/* A status that must be looked at (STYLE.md, "results that must be used"): put on the
+ * definitions of status-returning functions in the .c files, so a call inside the library
+ * that drops one is a compiler warning. It lives here, not in shmfeed.h: the Python build
+ * feeds shmfeed.h to cffi with its # lines removed, so a macro defined there would reach
+ * cdef undefined. GCC warns even through a (void) cast; a status ignored on purpose is
+ * written `if (f(...)) { }` with a comment saying why. */
+#define SHMFEED_MUST_USE __attribute__((warn_unused_result))
 
 struct shmfeed_ring {
     uint8_t *base;            /* start of the mapping */
     uint64_t map_bytes;       /* length of the mapping, from fstat, not the header */
-    int fd;
+    int fd;                   /* -1 once retired: the segment is given up, the range kept */
     int is_creator;
+    pid_t opened_by;          /* the process that made this handle: only it may unlink the name
+                                 (a fork()ed child holds a copy of the handle, not the segment) */
+    int unsealed;             /* the backing can be truncated (named segment): checked, guarded */
+    int guard;                /* then: this mapping's entry in the SIGBUS guard (segment.c), or -1 */
+    int retired;              /* shmfeed_ring_retire ran: fd closed, name gone, range zero pages */
     uint32_t slot_count;      /* private copy of the validated geometry */
     uint32_t flags;
     uint64_t slot_bytes;
@@ -69,6 +61,17 @@ static inline shm_slot_desc *ring_desc(const struct shmfeed_ring *r, uint32_t sl
     return (shm_slot_desc *)(r->base + SHMFEED_DESC_OFFSET) + slot;
 }
 
+/* Named backing: is the file still as long as the mapping? Another process of the same
+ * user can ftruncate it (memfd rings are sealed against that). SHMFEED_E_CORRUPT once a
+ * fault past the end was caught by the SIGBUS guard (segment.c), or, with stat_now, when
+ * fstat shows the file shorter than the mapping: called before a slot is handed out.
+ * Free for memfd rings (one branch), so every protocol call may ask. */
+SHMFEED_MUST_USE int shmfeed_backing_check_unsealed(const struct shmfeed_ring *r, int stat_now);
+SHMFEED_MUST_USE static inline int shmfeed_backing_check(const struct shmfeed_ring *r, int stat_now)
+{
+    return r->unsealed ? shmfeed_backing_check_unsealed(r, stat_now) : SHMFEED_OK; /* memfd: inline, free */
+}
+
 uint64_t shmfeed_clock_ns(void);
 /* Sleep while *word (32 bits) still equals expected, at most until deadline_ns
  * (0 = one slice) and never longer than one slice. Returns nothing: callers
@@ -91,7 +94,7 @@ typedef struct wait_clock {
 
 void clock_begin(wait_clock *c, int64_t timeout_ns);
 /* Called before each sleep; returns the status to give up with, or OK. */
-int clock_may_sleep(wait_clock *c);
+SHMFEED_MUST_USE int clock_may_sleep(wait_clock *c);
 void clock_account(const wait_clock *c, atomic_u64 *waits, atomic_u64 *wait_ns);
 void sleep_on_word(shm_slot_desc *d, uint64_t seen, uint64_t deadline_ns);
 void wake_word(shm_slot_desc *d);

@@ -13,10 +13,15 @@
  *
  * Attach trusts nothing it reads: it checks every field against the size of
  * the mapping it actually got and keeps its own copy of the geometry.
+ *
+ * A named segment can be truncated by any process of the user; the SIGBUS
+ * guard below keeps that from killing the processes that map it.
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <sched.h>
+#include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -40,7 +45,7 @@ static int fail(char *err, size_t errlen, int status, const char *fmt, ...)
     return status;
 }
 
-static int round_up(uint64_t v, uint64_t align, uint64_t *out)
+SHMFEED_MUST_USE static int round_up(uint64_t v, uint64_t align, uint64_t *out)
 {
     if (v > UINT64_MAX - (align - 1))
         return -1;
@@ -49,7 +54,7 @@ static int round_up(uint64_t v, uint64_t align, uint64_t *out)
 }
 
 /* Offsets of a ring of this shape; -1 on overflow. */
-static int compute_geometry(uint32_t slot_count, uint64_t slot_bytes, uint64_t *stride,
+SHMFEED_MUST_USE static int compute_geometry(uint32_t slot_count, uint64_t slot_bytes, uint64_t *stride,
                             uint64_t *data_offset, uint64_t *total)
 {
     uint64_t desc_end, slots_bytes;
@@ -65,7 +70,7 @@ static int compute_geometry(uint32_t slot_count, uint64_t slot_bytes, uint64_t *
     return 0;
 }
 
-int shmfeed_ring_size_for(uint32_t slot_count, uint64_t slot_bytes, uint64_t *out)
+SHMFEED_MUST_USE int shmfeed_ring_size_for(uint32_t slot_count, uint64_t slot_bytes, uint64_t *out)
 {
     uint64_t stride, data_offset;
     if (!out || slot_count == 0 || slot_count > SHMFEED_MAX_SLOTS || slot_bytes == 0 ||
@@ -148,13 +153,13 @@ static void cap_by_cgroups(uint64_t *avail)
 
 /* MemAvailable, capped by the memory cgroup's limit (containers) and, for named
  * segments, by the free space of the /dev/shm mount. */
-int shmfeed_memory_available(uint32_t flags, uint64_t *out)
+SHMFEED_MUST_USE int shmfeed_memory_available(uint32_t flags, uint64_t *out)
 {
     uint64_t avail = UINT64_MAX;
     char line[256];
-    FILE *f = fopen("/proc/meminfo", "re");
     if (!out)
-        return SHMFEED_E_INVAL;
+        return SHMFEED_E_INVAL; /* before the fopen: nothing to close on this path */
+    FILE *f = fopen("/proc/meminfo", "re");
     if (f) {
         while (fgets(line, sizeof line, f)) {
             unsigned long long kb;
@@ -178,7 +183,7 @@ int shmfeed_memory_available(uint32_t flags, uint64_t *out)
     return SHMFEED_OK;
 }
 
-static int open_backing(shmfeed_ring *r, uint32_t flags, char *err, size_t errlen)
+SHMFEED_MUST_USE static int open_backing(shmfeed_ring *r, uint32_t flags, char *err, size_t errlen)
 {
     if (!(flags & SHMFEED_NAMED)) {
         r->fd = memfd_create("pyshmfeed-ring", MFD_CLOEXEC | MFD_ALLOW_SEALING);
@@ -205,19 +210,212 @@ static int open_backing(shmfeed_ring *r, uint32_t flags, char *err, size_t errle
     return SHMFEED_OK;
 }
 
+/* ---- the SIGBUS guard (unsealed backings: named segments) ------------------
+ *
+ * A named segment is a file in /dev/shm that any process of the same user may
+ * ftruncate (memfd rings are sealed against that). Touching a mapped page past
+ * the file's new end raises SIGBUS, whose default action ends the process, so
+ * one stray or hostile program would kill the training run. Two defences,
+ * because neither is enough alone:
+ *
+ *  - Before a slot is handed out (claim, acquire) the protocol fstats the file
+ *    and refuses with SHMFEED_E_CORRUPT if it is shorter than the mapping
+ *    (shmfeed_backing_check); shmfeed_ring_check_backing says so in words.
+ *    That is the error a user sees. But a file truncated after the check,
+ *    while a view of a slot is being read (by numpy, not by this library),
+ *    would still fault: no check can close that window.
+ *  - So a SIGBUS handler: if the faulting address lies in a guarded mapping,
+ *    it maps private zero pages over the rest of that mapping (MAP_FIXED: one
+ *    system call, safe in a handler) and returns. The access is retried and
+ *    reads zeros; the ring is marked lost, so every later call on it returns
+ *    SHMFEED_E_CORRUPT. Any other SIGBUS goes on to the handler installed
+ *    before ours (faulthandler, say), or to the default action, exactly as if
+ *    ours were not there.
+ *
+ * The handler is installed with the first guarded mapping of the process. A
+ * SIGBUS handler installed after it (faulthandler.enable() later on) runs
+ * first and may end the process before ours is reached: enable those first.
+ */
+#define GUARD_RANGES 256 /* unsealed mappings one process can have guarded at once */
+
+typedef struct guard_range {
+    atomic_u32 in_use; /* taken by guard_watch with a CAS */
+    atomic_u32 lost;   /* the handler replaced part of the range: the ring is corrupt */
+    atomic_u64 base;   /* 0 while the entry is not published */
+    atomic_u64 len;
+} guard_range;
+
+static guard_range guard_ranges[GUARD_RANGES];
+static struct sigaction guard_previous; /* written once, before the handler is installed */
+static atomic_u32 guard_state;          /* 0 none, 1 installing, 2 installed, 3 sigaction failed */
+static uint64_t guard_page = SHMFEED_PAGE;
+
+static void guard_on_sigbus(int sig, siginfo_t *si, void *ucontext)
+{
+    uint64_t addr = (uint64_t)(uintptr_t)si->si_addr;
+    if (si->si_code == BUS_ADRERR) { /* a page past the end of a file, not a raised signal */
+        for (int i = 0; i < GUARD_RANGES; i++) {
+            guard_range *g = &guard_ranges[i];
+            uint64_t base = load_acquire64(&g->base); /* pairs with guard_watch's store_release */
+            uint64_t len = load_relaxed64(&g->len);
+            if (!base || addr < base || addr - base >= len)
+                continue;
+            /* A truncation cuts a suffix: every page from the faulting one on is past the end. */
+            uint64_t page = addr & ~(guard_page - 1);
+            if (mmap((void *)(uintptr_t)page, base + len - page, PROT_READ | PROT_WRITE,
+                     MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0) != MAP_FAILED) {
+                store_release32(&g->lost, 1);
+                return; /* the faulting access runs again, on a zero page */
+            }
+            break;
+        }
+    }
+    /* Not a guarded mapping: behave as if this handler had never been installed. */
+    if (guard_previous.sa_flags & SA_SIGINFO) {
+        if (guard_previous.sa_sigaction) {
+            guard_previous.sa_sigaction(sig, si, ucontext);
+            return;
+        }
+    } else if (guard_previous.sa_handler != SIG_DFL && guard_previous.sa_handler != SIG_IGN) {
+        guard_previous.sa_handler(sig);
+        return;
+    }
+    struct sigaction dfl;
+    memset(&dfl, 0, sizeof dfl);
+    dfl.sa_handler = SIG_DFL;
+    sigemptyset(&dfl.sa_mask);
+    sigaction(SIGBUS, &dfl, NULL);
+    raise(sig); /* delivered on return: the default action, as without us */
+}
+
+static void guard_install(void)
+{
+    uint32_t none = 0;
+    if (cas32(&guard_state, &none, 1)) {
+        long page = sysconf(_SC_PAGESIZE);
+        if (page > 0)
+            guard_page = (uint64_t)page;
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_sigaction = guard_on_sigbus;
+        sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+        sigemptyset(&sa.sa_mask);
+        /* Publishes guard_previous and guard_page to every later guard_watch caller. */
+        store_release32(&guard_state, sigaction(SIGBUS, &sa, &guard_previous) == 0 ? 2 : 3);
+        return;
+    }
+    while (load_acquire32(&guard_state) == 1) /* another thread is installing it: microseconds */
+        sched_yield();
+}
+
+/* Guard r's mapping if its backing can shrink (no F_SEAL_SHRINK: named segments, plain files). */
+static void guard_watch(shmfeed_ring *r)
+{
+    int seals = fcntl(r->fd, F_GET_SEALS);
+    r->guard = -1;
+    r->unsealed = seals < 0 || !(seals & F_SEAL_SHRINK);
+    if (!r->unsealed)
+        return;
+    guard_install();
+    for (int i = 0; i < GUARD_RANGES; i++) {
+        uint32_t free_ = 0;
+        if (!cas32(&guard_ranges[i].in_use, &free_, 1))
+            continue;
+        store_relaxed32(&guard_ranges[i].lost, 0);
+        store_relaxed64(&guard_ranges[i].len, r->map_bytes);
+        store_release64(&guard_ranges[i].base, (uint64_t)(uintptr_t)r->base); /* publishes len */
+        r->guard = i;
+        return;
+    }
+    /* All entries taken: this mapping has the fstat checks only. */
+}
+
+/* Before the range stops being this file's mapping (munmap, or retire's zero pages). */
+static void guard_forget(shmfeed_ring *r)
+{
+    if (r->guard < 0)
+        return;
+    guard_range *g = &guard_ranges[r->guard];
+    store_release64(&g->base, 0);
+    store_relaxed64(&g->len, 0);
+    store_release32(&g->in_use, 0);
+    r->guard = -1;
+}
+
+SHMFEED_MUST_USE int shmfeed_backing_check_unsealed(const shmfeed_ring *r, int stat_now)
+{
+    struct stat st;
+    if (r->guard >= 0 && load_acquire32(&guard_ranges[r->guard].lost))
+        return SHMFEED_E_CORRUPT;
+    if (stat_now && r->fd >= 0 && fstat(r->fd, &st) == 0 && (uint64_t)st.st_size < r->map_bytes)
+        return SHMFEED_E_CORRUPT;
+    return SHMFEED_OK;
+}
+
+SHMFEED_MUST_USE int shmfeed_ring_check_backing(const shmfeed_ring *r, char *err, size_t errlen)
+{
+    struct stat st;
+    if (!r)
+        return fail(err, errlen, SHMFEED_E_INVAL, "ring is NULL");
+    if (!r->unsealed)
+        return SHMFEED_OK;
+    if (r->fd >= 0 && fstat(r->fd, &st) == 0 && (uint64_t)st.st_size < r->map_bytes)
+        return fail(err, errlen, SHMFEED_E_CORRUPT,
+                    "segment %s was truncated to %lld bytes, the ring maps %llu: another process resized it "
+                    "(a named segment can be resized by any process of its user; the default memfd backing "
+                    "is sealed against that)",
+                    r->path, (long long)st.st_size, (unsigned long long)r->map_bytes);
+    if (shmfeed_backing_check(r, 0))
+        return fail(err, errlen, SHMFEED_E_CORRUPT,
+                    "segment %s was truncated by another process: a read past its end was caught (SIGBUS) "
+                    "and the rest of the mapping now reads zeros; the ring's contents are lost", r->path);
+    return SHMFEED_OK;
+}
+
 static void ring_free(shmfeed_ring *r)
 {
+    guard_forget(r);
     if (r->base && r->base != MAP_FAILED)
         munmap(r->base, r->map_bytes);
     if (r->fd >= 0)
         close(r->fd);
-    if (r->is_creator && r->shm_name[0])
+    /* Only the process that created the segment removes its name: a fork()ed child that
+     * frees its copy of the handle must not take the segment from its parent. */
+    if (r->is_creator && r->shm_name[0] && getpid() == r->opened_by)
         shm_unlink(r->shm_name);
     free(r);
 }
 
-int shmfeed_ring_create(uint32_t slot_count, uint64_t slot_bytes, uint32_t flags,
-                        shmfeed_ring **out, char *err, size_t errlen)
+SHMFEED_MUST_USE int shmfeed_ring_retire(shmfeed_ring *r)
+{
+    if (!r)
+        return SHMFEED_E_INVAL;
+    if (r->retired)
+        return SHMFEED_OK;
+    /* Zero pages over the whole range, in one call that replaces the shared mapping: the
+     * segment's memory is released now, and a view still pointing here reads zeros rather
+     * than faulting once ring_free unmaps. If the kernel refuses (no memory for the new
+     * mapping), the shared mapping stays until ring_free: still safe to read, only later freed. */
+    void *zeros = mmap(r->base, r->map_bytes, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0);
+    if (zeros != MAP_FAILED) {
+        guard_forget(r); /* no file behind the range now: nothing can fault */
+    }
+    if (r->fd >= 0)
+        close(r->fd);
+    r->fd = -1;
+    if (r->is_creator && r->shm_name[0] && getpid() == r->opened_by)
+        shm_unlink(r->shm_name);
+    r->shm_name[0] = '\0';
+    r->retired = 1;
+    return SHMFEED_OK;
+}
+
+uint32_t shmfeed_max_slots(void) { return SHMFEED_MAX_SLOTS; }
+uint64_t shmfeed_max_slot_bytes(void) { return SHMFEED_MAX_SLOT_BYTES; }
+
+SHMFEED_MUST_USE int shmfeed_ring_create(uint32_t slot_count, uint64_t slot_bytes, uint32_t flags,
+                                         shmfeed_ring **out, char *err, size_t errlen)
 {
     uint64_t stride, data_offset, total, avail;
     int rc;
@@ -235,7 +433,8 @@ int shmfeed_ring_create(uint32_t slot_count, uint64_t slot_bytes, uint32_t flags
     if (compute_geometry(slot_count, slot_bytes, &stride, &data_offset, &total))
         return fail(err, errlen, SHMFEED_E_INVAL, "%u slots of %llu bytes overflow a 64-bit size",
                     slot_count, (unsigned long long)slot_bytes);
-    shmfeed_memory_available(flags, &avail);
+    if (shmfeed_memory_available(flags, &avail) != SHMFEED_OK)
+        avail = UINT64_MAX; /* cannot fail with a non-NULL out; were it to, fallocate still checks */
     if (total > avail)
         return fail(err, errlen, SHMFEED_E_NOMEM,
                     "the ring needs %llu bytes (%u slots x %llu bytes + %llu bytes of header) but only "
@@ -247,7 +446,9 @@ int shmfeed_ring_create(uint32_t slot_count, uint64_t slot_bytes, uint32_t flags
     if (!r)
         return fail(err, errlen, SHMFEED_E_NOMEM, "out of memory for the ring handle");
     r->fd = -1;
+    r->guard = -1;
     r->is_creator = 1;
+    r->opened_by = getpid();
     if ((rc = open_backing(r, flags, err, errlen))) {
         ring_free(r);
         return rc;
@@ -268,16 +469,25 @@ int shmfeed_ring_create(uint32_t slot_count, uint64_t slot_bytes, uint32_t flags
         ring_free(r);
         return rc;
     }
-    if (!(flags & SHMFEED_NAMED))
-        (void)fcntl(r->fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL);
+    /* The seals are what make a memfd ring safe from truncation (no SIGBUS guard, no fstat
+     * checks): a memfd that cannot be sealed is refused rather than run unprotected. */
+    if (!(flags & SHMFEED_NAMED) && fcntl(r->fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0) {
+        rc = fail(err, errlen, SHMFEED_E_SYS,
+                  "sealing the memfd against resizing failed: %s; without the seals another process could "
+                  "truncate it under the ring (use backing=\"named\", which is guarded instead)", strerror(errno));
+        ring_free(r);
+        return rc;
+    }
     r->map_bytes = total;
     r->base = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_POPULATE, r->fd, 0);
     if (r->base == MAP_FAILED) {
         rc = fail(err, errlen, SHMFEED_E_NOMEM, "mapping %llu bytes failed: %s", (unsigned long long)total,
                   strerror(errno));
+        r->base = NULL;
         ring_free(r);
         return rc;
     }
+    guard_watch(r);
     r->slot_count = slot_count;
     r->flags = flags;
     r->slot_bytes = slot_bytes;
@@ -305,19 +515,22 @@ int shmfeed_ring_create(uint32_t slot_count, uint64_t slot_bytes, uint32_t flags
     h->created_ns = shmfeed_clock_ns();
     for (uint32_t i = 0; i < slot_count; i++)
         store_relaxed64(&ring_desc(r, i)->word, word_make(0, i, SHMFEED_SLOT_FREE));
-    __atomic_store_n(&h->magic, SHMFEED_MAGIC, __ATOMIC_RELEASE);
+    store_release_plain64(&h->magic, SHMFEED_MAGIC); /* pairs with validate()'s load_acquire_plain64 */
     *out = r;
     return SHMFEED_OK;
 }
 
 /* Validate a header against the real mapping size; fill r's private copy. */
-static int validate(shmfeed_ring *r, char *err, size_t errlen)
+SHMFEED_MUST_USE static int validate(shmfeed_ring *r, char *err, size_t errlen)
 {
     /* Validate a private snapshot: a writer changing the header while we
      * check it cannot make us accept one value and use another. */
     shm_header snap;
     const shm_header *h = &snap;
     uint64_t stride, data_offset, total;
+    if (load_acquire_plain64(&ring_header(r)->magic) != SHMFEED_MAGIC) /* pairs with create's release */
+        return fail(err, errlen, SHMFEED_E_CORRUPT, "bad magic 0x%016llx: not a pyshmfeed ring",
+                    (unsigned long long)ring_header(r)->magic);
     memcpy(&snap, ring_header(r), offsetof(shm_header, closed));
     if (h->magic != SHMFEED_MAGIC)
         return fail(err, errlen, SHMFEED_E_CORRUPT, "bad magic 0x%016llx: not a pyshmfeed ring",
@@ -359,7 +572,7 @@ static int validate(shmfeed_ring *r, char *err, size_t errlen)
     return SHMFEED_OK;
 }
 
-int shmfeed_ring_attach(const char *path, shmfeed_ring **out, char *err, size_t errlen)
+SHMFEED_MUST_USE int shmfeed_ring_attach(const char *path, shmfeed_ring **out, char *err, size_t errlen)
 {
     struct stat st;
     int rc;
@@ -371,6 +584,8 @@ int shmfeed_ring_attach(const char *path, shmfeed_ring **out, char *err, size_t 
     shmfeed_ring *r = calloc(1, sizeof *r);
     if (!r)
         return fail(err, errlen, SHMFEED_E_NOMEM, "out of memory for the ring handle");
+    r->guard = -1;
+    r->opened_by = getpid();
     r->fd = open(path, O_RDWR | O_CLOEXEC);
     if (r->fd < 0) {
         int e = errno;
@@ -397,6 +612,7 @@ int shmfeed_ring_attach(const char *path, shmfeed_ring **out, char *err, size_t 
         ring_free(r);
         return rc;
     }
+    guard_watch(r); /* before the first read: the file may be truncated while validate reads it */
     if ((rc = validate(r, err, errlen))) {
         ring_free(r);
         return rc;
@@ -406,7 +622,7 @@ int shmfeed_ring_attach(const char *path, shmfeed_ring **out, char *err, size_t 
     return SHMFEED_OK;
 }
 
-int shmfeed_ring_detach(shmfeed_ring *r)
+SHMFEED_MUST_USE int shmfeed_ring_detach(shmfeed_ring *r)
 {
     if (!r)
         return SHMFEED_E_INVAL;
@@ -414,7 +630,7 @@ int shmfeed_ring_detach(shmfeed_ring *r)
     return SHMFEED_OK;
 }
 
-int shmfeed_ring_path(const shmfeed_ring *r, char *buf, size_t buflen)
+SHMFEED_MUST_USE int shmfeed_ring_path(const shmfeed_ring *r, char *buf, size_t buflen)
 {
     if (!r || !buf || buflen <= strlen(r->path))
         return SHMFEED_E_INVAL;
@@ -422,7 +638,7 @@ int shmfeed_ring_path(const shmfeed_ring *r, char *buf, size_t buflen)
     return SHMFEED_OK;
 }
 
-int shmfeed_ring_geometry(const shmfeed_ring *r, shmfeed_geometry *g)
+SHMFEED_MUST_USE int shmfeed_ring_geometry(const shmfeed_ring *r, shmfeed_geometry *g)
 {
     if (!r || !g)
         return SHMFEED_E_INVAL;
@@ -437,7 +653,7 @@ int shmfeed_ring_geometry(const shmfeed_ring *r, shmfeed_geometry *g)
     return SHMFEED_OK;
 }
 
-int shmfeed_ring_base(const shmfeed_ring *r, uint8_t **out)
+SHMFEED_MUST_USE int shmfeed_ring_base(const shmfeed_ring *r, uint8_t **out)
 {
     if (!r || !out)
         return SHMFEED_E_INVAL;

@@ -223,4 +223,23 @@ int64_t shmfeed_wait_slice_ns(void);
 uint64_t shmfeed_now_ns(void);
 const char *shmfeed_strerror(int status);
 
+/* ---- faults, round 2 ---- */
+
+/* Give the segment up but keep its address range: close the descriptor, unlink the
+ * name (named backing; only in the process that created the ring, never in a fork()ed
+ * child) and put private zero pages over the mapping, which frees the segment's memory
+ * now. Memory that outlives the ring (views held by a garbage-collected caller) then
+ * reads zeros instead of faulting. The handle stays valid for shmfeed_ring_detach,
+ * which unmaps the range and frees the handle; no other call may use a retired handle.
+ * Idempotent: a caller interrupted after it may call it again. */
+int shmfeed_ring_retire(shmfeed_ring *ring);
+/* Named backing: SHMFEED_E_CORRUPT, with the sizes in err, once another process has
+ * truncated the segment (protocol calls then return SHMFEED_E_CORRUPT; a read past the
+ * end is caught and reads zeros). SHMFEED_OK otherwise, and always for memfd rings,
+ * which are sealed against resizing. */
+int shmfeed_ring_check_backing(const shmfeed_ring *ring, char *err, size_t errlen);
+/* The limits shmfeed_ring_create enforces, so the layers above check the same ones. */
+uint32_t shmfeed_max_slots(void);
+uint64_t shmfeed_max_slot_bytes(void);
+
 #endif /* SHMFEED_H */

@@ -21,6 +21,7 @@ from .errors import (
     SlotStateError,
     SpecMismatch,
     StaleClaim,
+    StaleView,
     Timeout,
     WouldBlock,
 )
@@ -41,6 +42,6 @@ __all__ = [
     "Ring", "RingHandle", "ProducerSlot", "ConsumerSlot",
     "ShmfeedError", "InvalidArgument", "NoSpace", "SegmentError", "SegmentNotFound",
     "SegmentPermissionError", "CorruptSegment", "LayoutVersionMismatch", "Timeout", "WouldBlock",
-    "RingClosed", "StaleClaim", "SlotStateError", "PayloadTooLarge", "SpecMismatch", "ProducerError",
-    "ProducerLost",
+    "RingClosed", "StaleClaim", "StaleView", "SlotStateError", "PayloadTooLarge", "SpecMismatch",
+    "ProducerError", "ProducerLost",
 ]

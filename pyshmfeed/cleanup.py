@@ -6,11 +6,16 @@ the last process that maps it, however that process ended. What can be left:
 - a **named segment** (``/dev/shm/pyshmfeed-<uid>-<random>``) whose creator
   ended without detaching: SIGKILL, an unhandled SIGTERM, a crash. It is
   removed when its creator (the pid in its header) is gone;
-- **registry records** (see ``registry.py``) of processes that are gone;
+- **registry records** (see ``registry.py``) of processes that are gone. Two
+  kinds stay, because they still describe something true that ``inspect``
+  shows: the record of a dead producer whose claim a live ring still holds
+  (until the feed reclaims it), and the folder of a ring whose creator is gone
+  while producers still map it;
 - **orphaned producers**: processes still attached to a ring whose creator is
   gone. They are listed; ``--kill-orphans`` sends them SIGTERM.
 
-Nothing that belongs to a live process is touched. When in doubt (the pid in
+Which rings live and who is dead comes from ``registry.survey``, as for
+``inspect``. Nothing that belongs to a live process is touched. When in doubt (the pid in
 a header runs again, as the same user), the segment is left alone. Another
 user's segments are never touched. ``--dry-run`` only lists.
 """
@@ -82,20 +87,25 @@ def find_leftovers(shm_dir: str = SHM_DIR) -> Leftovers:
     uid = os.getuid()
     prefix = f"pyshmfeed-{uid}-"
     known_named: dict[str, dict] = {}
-    for entry in registry.rings():
+    for entry in registry.survey():
         creator = entry["ring"]
-        creator_alive = creator is not None and registry.is_alive(creator["pid"], creator.get("start_time"))
         if creator is not None and creator.get("backing") == "named":
             known_named[creator["path"]] = creator
-        if creator_alive:
-            for rec in entry["attached"]:
-                if not registry.is_alive(rec["pid"], rec.get("start_time")):
-                    found.records.append(rec["record"])
+        if not entry["live"]:  # nobody of this ring runs: all of it goes
+            found.records.append(entry["dir"])
             continue
-        for rec in entry["attached"]:
-            if registry.is_alive(rec["pid"], rec.get("start_time")) and rec["pid"] != os.getpid():
-                found.orphans.append((rec["pid"], rec["path"]))
-        found.records.append(entry["dir"])
+        if not entry["creator_alive"]:
+            found.orphans.extend((rec["pid"], rec["path"]) for rec in entry["attached"]
+                                 if rec["alive"] and rec["pid"] != os.getpid())
+        dead = [rec for rec in entry["attached"] if not rec["alive"]]
+        held = _held_claims(entry["path"]) if dead else {}
+        for rec in dead:
+            if rec["owner"] in held:
+                found.kept.append((rec["record"], f"pid {rec['pid']} is gone but still holds slot(s) "
+                                                  f"{held[rec['owner']]} of ring {rec['path']}: left until the "
+                                                  "feed reclaims them, so that `pyshmfeed inspect` can name it"))
+            else:
+                found.records.append(rec["record"])
     try:
         names = sorted(os.listdir(shm_dir))
     except OSError:
@@ -125,6 +135,19 @@ def find_leftovers(shm_dir: str = SHM_DIR) -> Leftovers:
             continue
         found.segments.append((path, pid))
     return found
+
+
+def _held_claims(path: str | None) -> dict[int, list[int]]:
+    """Owner token -> slots it holds in the ring at ``path`` ({} if it cannot be read: then nothing is held back)."""
+    if path is None:
+        return {}
+    from .errors import ShmfeedError
+    from .inspect_rings import held_claims
+
+    try:
+        return held_claims(path)
+    except ShmfeedError:
+        return {}
 
 
 def remove(found: Leftovers, kill_orphans: bool = False) -> list[str]:

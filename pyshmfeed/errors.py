@@ -65,6 +65,13 @@ class SlotStateError(ShmfeedError):
     """The slot is not in the state the call needs: committed twice, released twice, used after release."""
 
 
+class StaleView(ShmfeedError):
+    """Debug mode (``PYSHMFEED_DEBUG_VIEWS=1``): a view of slot memory was read after its slot was released.
+
+    Without debug mode such a read silently returns whatever the slot holds next.
+    """
+
+
 class PayloadTooLarge(ShmfeedError, ValueError):
     """A payload is longer than the slot."""
 

@@ -1,18 +1,22 @@
 """``pyshmfeed inspect``: the live rings of this user, their slots' states, owners and occupancy.
 
 Rings are found through the registry (``registry.py``): every ``Ring.create``
-and ``Ring.attach`` leaves a record there. For each ring whose creator is
-alive, inspect maps the segment read-only in spirit (it attaches, reads the
-header, counters and slot descriptors, and writes nothing) and shows:
+and ``Ring.attach`` leaves a record there. ``registry.survey`` says which
+rings still live and who of them is dead, for inspect and ``cleanup`` alike.
+For each ring some process of which is alive (its creator, or, for an
+*orphaned* ring whose creator is gone, a producer still attached to it),
+inspect maps the segment read-only in spirit (it attaches, reads the header,
+counters and slot descriptors, and writes nothing) and shows:
 
 - who created it (pid, command line), its backing, geometry and size;
 - whether it is closed, and why;
 - counters: claims, commits, acquires, reclaims, stale commits, waits;
 - occupancy (free / claimed / ready / acquired), and per slot: state,
-  sequence, generation, owner (with the pid and liveness of the attached
-  process holding that owner token), payload length and claim age. A claim
-  held by a dead owner is flagged: the feed (or ``Ring.reclaim``) must take it
-  back.
+  sequence, generation, owner (with the pid and liveness of the process
+  holding that owner token), payload length and claim age. A claim held by a
+  dead owner is flagged: the feed (or ``Ring.reclaim``) must take it back.
+  (``cleanup`` keeps the record of a dead process while it holds a claim, so
+  the flag outlives a cleanup.)
 
 Records of dead processes are counted and left for ``pyshmfeed cleanup``.
 """
@@ -48,19 +52,38 @@ def _cmdline(pid: int) -> str:
         return "?"
 
 
-def describe(entry: dict[str, Any], now_ns: int) -> dict[str, Any] | None:
-    """What one live ring looks like now; None if its creator is gone."""
-    rec = entry["ring"]
-    if rec is None or not registry.is_alive(rec["pid"], rec.get("start_time")):
-        return None
-    owners = {}
-    for att in entry["attached"]:
-        owners[att["owner"]] = {"pid": att["pid"],
-                                "alive": registry.is_alive(att["pid"], att.get("start_time"))}
-    out: dict[str, Any] = {"pid": rec["pid"], "command": _cmdline(rec["pid"]), "path": rec["path"],
-                           "backing": rec.get("backing", "?"), "registry": entry["dir"]}
+def held_claims(path: str) -> dict[int, list[int]]:
+    """Owner token -> the slots it holds (claimed, or its owner lock on a free slot) in the ring at ``path``."""
+    ring = _attach_quietly(path)
     try:
-        ring = _attach_quietly(rec["path"])
+        held: dict[int, list[int]] = {}
+        for i in range(ring.slots):
+            info = ring.slot_info(i)
+            if info["owner"] and info["state"] in ("claimed", "free"):
+                held.setdefault(info["owner"], []).append(i)
+        return held
+    finally:
+        ring.detach()
+
+
+def describe(entry: dict[str, Any], now_ns: int) -> dict[str, Any] | None:
+    """What one live ring (a ``registry.survey`` entry) looks like now; None if no process of it is alive."""
+    rec = entry["ring"]
+    if not entry["live"] or rec is None and not entry["attached"]:
+        return None
+    rec = rec or entry["attached"][0]  # a ring whose creator record is gone: its producers know its path
+    owners = {att["owner"]: {"pid": att["pid"], "alive": att["alive"]} for att in entry["attached"]}
+    if entry["ring"] is not None:  # the creator claims with its own token too
+        owners.setdefault(rec["owner"], {"pid": rec["pid"], "alive": entry["creator_alive"]})
+    out: dict[str, Any] = {"pid": rec["pid"] if entry["ring"] else rec.get("creator_pid"),
+                           "command": _cmdline(rec["pid"]) if entry["creator_alive"] else "(gone)",
+                           "path": rec["path"], "backing": rec.get("backing", "?"), "registry": entry["dir"],
+                           "creator_alive": entry["creator_alive"], "orphaned": not entry["creator_alive"]}
+    if entry["path"] is None:
+        out["error"] = "no live process of this ring holds a descriptor of it that this user can open"
+        return out
+    try:
+        ring = _attach_quietly(entry["path"])
     except errors.ShmfeedError as exc:
         out["error"] = f"{type(exc).__name__}: {exc}"
         return out
@@ -69,8 +92,7 @@ def describe(entry: dict[str, Any], now_ns: int) -> dict[str, Any] | None:
         out.update(slots=ring.slots, slot_bytes=ring.slot_bytes, nbytes=ring.nbytes,
                    ordered=ring.ordered, closed=bool(code), close_code=code, close_reason=reason,
                    counters=ring.counters(), occupancy=ring.occupancy(), producers=[
-                       {"pid": a["pid"], "owner": f"{a['owner']:#x}",
-                        "alive": registry.is_alive(a["pid"], a.get("start_time"))} for a in entry["attached"]])
+                       {"pid": a["pid"], "owner": f"{a['owner']:#x}", "alive": a["alive"]} for a in entry["attached"]])
         slots = []
         for i in range(ring.slots):
             info = ring.slot_info(i)
@@ -94,7 +116,7 @@ def inspect_all() -> tuple[list[dict[str, Any]], int]:
     """Descriptions of every live ring, and how many records belong to dead processes."""
     live, dead = [], 0
     now_ns = lib.shmfeed_now_ns()
-    for entry in registry.rings():
+    for entry in registry.survey():
         desc = describe(entry, now_ns)
         if desc is None:
             dead += 1
@@ -107,7 +129,9 @@ def _print(rings: list[dict[str, Any]], dead: int, max_slots: int) -> None:
     if not rings:
         print(f"no live pyshmfeed ring of uid {os.getuid()} (registry: {registry.registry_dir()})")
     for r in rings:
-        print(f"ring {r['path']}  creator pid {r['pid']}: {r['command'][:100]}")
+        creator = f"creator pid {r['pid']}: {r['command'][:100]}" if r["creator_alive"] else \
+            f"ORPHANED: creator pid {r['pid']} is gone, producers keep it alive"
+        print(f"ring {r['path']}  {creator}")
         if "error" in r:
             print(f"  cannot read it: {r['error']}")
             continue

@@ -10,9 +10,11 @@ it. Each ``Ring.create`` therefore writes one small JSON record, and each
             <pid>-<owner>.json           each attached process: pid, start time, owner token
 
 The creator removes the whole folder when it detaches; an attached process
-removes its own record. A crash leaves records behind: ``pyshmfeed cleanup``
+removes its own record, and a feed that replaced a dead producer removes that
+one's (``forget_process``). A crash leaves records behind: ``pyshmfeed cleanup``
 removes those whose process is gone (pid dead, or reused: the start time
-differs). The registry is advisory. Writing a record never fails, never
+differs), except while they still say something true about a live ring (see
+``survey``). The registry is advisory. Writing a record never fails, never
 raises and never blocks ring creation: if the directory cannot be made safe
 (missing, not ours, group/world-accessible, a symlink) the ring is simply
 not listed. ``PYSHMFEED_REGISTRY_DIR`` overrides the location (tests).
@@ -112,10 +114,12 @@ def record(ring: Any, role: str, backing: str = "") -> str | None:
         if not _safe_dir(folder, create=role == "creator"):
             return None  # attached to a ring whose creator is not registered
         pid = os.getpid()
+        st = os.stat(ring.handle.path)  # the segment itself: found again by inode once its creator is gone
         payload = {
             "version": RECORD_VERSION, "role": role, "pid": pid, "start_time": process_start_time(pid),
             "uid": os.getuid(), "owner": ring.owner, "path": ring.handle.path,
             "creator_pid": ring.creator_pid, "created": time.time(), "argv": sys.argv[:4],
+            "dev": st.st_dev, "ino": st.st_ino,
         }
         if role == "creator":
             payload.update(backing=backing, slots=ring.slots, slot_bytes=ring.slot_bytes,
@@ -137,6 +141,81 @@ def forget(record_path: str | None) -> None:
             os.unlink(record_path)
     except OSError:
         pass
+
+
+def forget_process(pid: int, ring: Any = None, root: str | None = None) -> int:
+    """Remove the attached records process ``pid`` wrote (of ``ring`` only, if given); how many. Never raises.
+
+    For a feed that replaced a dead producer: call it after ``reclaim`` took the producer's claims
+    back, so that ``inspect`` and ``cleanup`` stop listing it. A creator's record (the ring itself)
+    is never removed here: that is ``forget``'s, by the creator, at detach.
+    """
+    removed = 0
+    for entry in rings(root):
+        if ring is not None and os.path.basename(entry["dir"]) != ring_key(ring.creator_pid, ring.handle.path):
+            continue
+        for rec in entry["attached"]:
+            if rec["pid"] == pid:
+                try:
+                    os.unlink(rec["record"])
+                    removed += 1
+                except OSError:
+                    pass
+    return removed
+
+
+def segment_descriptor(pid: int, dev: int | None, ino: int | None) -> str | None:
+    """``/proc/<pid>/fd/<n>`` of a descriptor process ``pid`` holds on the segment ``(dev, ino)``, or None.
+
+    How a memfd ring is reached once its creator is gone: any process still attached to it holds
+    a descriptor of the same anonymous file.
+    """
+    if dev is None or ino is None:
+        return None
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return None
+    for fd in fds:
+        path = f"/proc/{pid}/fd/{fd}"
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) == (dev, ino):
+            return path
+    return None
+
+
+def survey(root: str | None = None) -> list[dict[str, Any]]:
+    """Every registered ring and who of it is alive: the one view ``inspect`` and ``cleanup`` share.
+
+    Each entry of ``rings()`` gains ``creator_alive``, ``alive`` on each attached record, ``live``
+    (some process of the ring runs, so the segment may still be in use) and ``path``: where to
+    attach to read the ring now. That is the creator's path while the creator runs; once it is
+    gone, an attached process's descriptor of the same segment (memfd), or the named segment's
+    file if it is still there; None when nothing reaches it.
+    """
+    out = []
+    for entry in rings(root):
+        creator = entry["ring"]
+        entry["creator_alive"] = creator is not None and is_alive(creator["pid"], creator.get("start_time"))
+        for rec in entry["attached"]:
+            rec["alive"] = is_alive(rec["pid"], rec.get("start_time"))
+        live_attached = [rec for rec in entry["attached"] if rec["alive"]]
+        entry["live"] = entry["creator_alive"] or bool(live_attached)
+        entry["path"] = None
+        if entry["creator_alive"]:
+            entry["path"] = creator["path"]
+        elif creator is not None and creator.get("backing") == "named" and os.path.exists(creator["path"]):
+            entry["path"] = creator["path"]
+        else:
+            for rec in live_attached:
+                entry["path"] = segment_descriptor(rec["pid"], rec.get("dev"), rec.get("ino"))
+                if entry["path"]:
+                    break
+        out.append(entry)
+    return out
 
 
 def rings(root: str | None = None) -> list[dict[str, Any]]:

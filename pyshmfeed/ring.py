@@ -8,6 +8,25 @@ copied. Who frees what: the creating process owns the segment; it disappears
 when the creator and every attached process have detached (memfd backing),
 or when the creator detaches (named backing, unlinked then).
 
+NOTE [mapping lifetime]: every view of slot memory keeps the address range
+alive, so reading a view after ``detach()`` can never crash the interpreter.
+The mapping's base pointer owns the C handle (``ffi.gc``); each view is a
+slice of one memoryview over a cffi buffer of that pointer, so a numpy
+array's base chain ends at the owner. ``detach()`` gives the segment up at
+once (``shmfeed_ring_retire``: descriptor closed, name unlinked, the range
+turned into private zero pages, so the shared memory is freed now) and the
+range itself is unmapped when the last view of it is gone. A view kept past
+``detach()`` therefore reads zeros, never another batch and never a fault;
+in debug mode (``views.py``) a consumer view says so with ``StaleView``.
+
+NOTE [fork]: a ``fork()``ed child holds copies of its parent's ``Ring``
+objects. They are not its rings: in the child they are detached (every call
+raises ``RingClosed``; attach ``ring.handle`` to use the ring there), and
+their ``detach()``, finalizer or ``close()`` release only the child's own copy
+of the mapping and descriptor: they never close the ring, never unlink a
+named segment and never remove the parent's registry record. The C core
+checks the pid too before it unlinks.
+
 Waits run in C with the GIL released, in slices of at most ``WAIT_SLICE`` so
 that Python signal handlers (Ctrl-C) and ``stop`` callbacks run between them.
 """
@@ -16,15 +35,15 @@ from __future__ import annotations
 
 import os
 import secrets
-import threading
 import time
+import weakref
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
-from . import errors, registry
+from . import errors, registry, views
 from ._ffi import ERR_BYTES, check, ffi, lib
 
 # Why a ring was closed (the code stored in the segment beside the message).
@@ -38,6 +57,11 @@ WAIT_SLICE = 0.1  # seconds a single C wait may last before Python regains contr
 # Looked up once: attribute reads on the cffi lib cost as much as the hot path's C calls.
 _OK = lib.SHMFEED_OK
 _E_AGAIN = lib.SHMFEED_E_AGAIN
+
+# The C core's limits (shmfeed_ring_create refuses anything past them): one source of truth.
+MAX_SLOTS: int = lib.shmfeed_max_slots()
+MAX_SLOT_BYTES: int = lib.shmfeed_max_slot_bytes()
+MAX_SEQ: int = 2**46 - 1  # the slot word's sequence field (csrc/layout.h): claim() refuses more
 
 _SLOT_STATES = {
     lib.SHMFEED_SLOT_FREE: "free",
@@ -67,6 +91,30 @@ def new_owner_token() -> int:
     return secrets.randbits(62) | 1
 
 
+def _mapping_owner(handle, base):
+    """``base`` as a pointer that keeps ring ``handle`` alive: the handle is freed (range unmapped) with it.
+
+    NOTE [mapping lifetime]. No Python code runs on the way, so a Ctrl-C cannot land half-way and leak
+    the mapping: the handle's destructor is the C function itself (its only failure is a NULL handle,
+    which this never is), and the base pointer's is a builtin that only holds the handle's owner and
+    returns None when called.
+    """
+    owned = ffi.gc(handle, lib.shmfeed_ring_detach)
+    return ffi.gc(base, {"handle": owned}.get)
+
+
+# Every Ring of this process, so that a fork()ed child can mark its copies (NOTE [fork]).
+_LIVE_RINGS: "weakref.WeakSet[Ring]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for ring in list(_LIVE_RINGS):
+        ring._inherited_by_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class Ring:
     """A shared-memory ring of ``slots`` slots of ``slot_bytes`` bytes each.
 
@@ -75,17 +123,20 @@ class Ring:
     ``detach()``; detaching twice is harmless.
     """
 
-    def __init__(self, _ptr, *, owner: int | None = None) -> None:
+    def __init__(self, _ptr, *, owner: int | None = None, debug_views: bool | None = None) -> None:
+        base = ffi.new("uint8_t **")
+        check(lib.shmfeed_ring_base(_ptr, base), "reading ring base")
+        # NOTE [mapping lifetime]: from here on the handle is freed by _base's finalizer, when
+        # neither this object nor any view of slot memory refers to the mapping any more.
+        self._base = _mapping_owner(_ptr, base[0])
+        self._handle = _ptr  # valid while _base lives; calls go through _ptr (None once detached)
         self._ptr = _ptr
         # Threads inside a C wait right now: detach() waits for them (at most one
-        # slice) before unmapping, so a wait never reads memory that is gone.
+        # slice) before giving the segment up, so a wait never reads memory that is gone.
         self._in_wait: deque[None] = deque()  # one entry per thread inside a C wait
-        self._in_wait_lock = threading.Lock()
         self._counters_out = ffi.new("shmfeed_counters *")  # reused by ready_slots()
         geometry = ffi.new("shmfeed_geometry *")
         check(lib.shmfeed_ring_geometry(_ptr, geometry), "reading ring geometry")
-        base = ffi.new("uint8_t **")
-        check(lib.shmfeed_ring_base(_ptr, base), "reading ring base")
         path = ffi.new("char[]", 256)
         check(lib.shmfeed_ring_path(_ptr, path, 256), "reading ring path")
         self.slots: int = geometry.slot_count
@@ -94,48 +145,60 @@ class Ring:
         self.nbytes: int = geometry.segment_bytes
         self.ordered: bool = bool(geometry.flags & lib.SHMFEED_ORDERED)
         self.creator_pid: int = geometry.creator_pid
-        self._base = base[0]
-        self._data = base[0] + geometry.data_offset
+        # Every view of slot memory is a slice of this: it holds the owner (_base) through its buffer.
+        self._memory: memoryview | None = memoryview(ffi.buffer(self._base, geometry.segment_bytes))
+        self._data_offset: int = geometry.data_offset
+        self._data = base[0] + geometry.data_offset  # addresses only (page-locking, DMA), never a view
         self._path = ffi.string(path).decode()
         self.owner: int = owner if owner is not None else new_owner_token()
         self._next_unordered_seq = 0
         self._record: str | None = None  # registry record (for inspect/cleanup)
         self._record_pid = os.getpid()
+        self.debug_views: bool = views.debug_views_enabled(debug_views)
+        self._consumer_slot = _PoisoningConsumerSlot if self.debug_views else ConsumerSlot
+        _LIVE_RINGS.add(self)
 
     # ---- lifetime ---------------------------------------------------------
 
     @classmethod
-    def create(cls, slots: int, slot_bytes: int, *, ordered: bool = True, backing: str = "memfd") -> "Ring":
+    def create(cls, slots: int, slot_bytes: int, *, ordered: bool = True, backing: str = "memfd",
+               debug_views: bool | None = None) -> "Ring":
         """Create a ring; every page is reserved now (``NoSpace`` if the machine is short).
 
         ``backing`` is ``"memfd"`` (default: anonymous, nothing left behind by a
-        crash, not limited by the /dev/shm mount) or ``"named"`` (a 0600 POSIX
-        segment with a random name, for systems without memfd).
+        crash, not limited by the /dev/shm mount, sealed against resizing) or
+        ``"named"`` (a 0600 POSIX segment with a random name, for systems without
+        memfd; another process that truncates it makes the ring's calls raise
+        ``CorruptSegment``, and a read of a view past the new end reads zeros).
+        ``debug_views`` (default: the ``PYSHMFEED_DEBUG_VIEWS`` environment
+        variable) poisons each slot on release and makes ``ConsumerSlot.array``
+        views raise ``StaleView`` when read after their release (``views.py``).
         """
         if not isinstance(slots, int) or not isinstance(slot_bytes, int):
             raise errors.InvalidArgument(f"slots and slot_bytes must be ints, got {slots!r}, {slot_bytes!r}")
-        if slots <= 0 or slots > 65536:
-            raise errors.InvalidArgument(f"slots={slots} is out of range: use 1..65536")
-        if slot_bytes <= 0 or slot_bytes >= 1 << 40:
-            raise errors.InvalidArgument(f"slot_bytes={slot_bytes} is out of range: use 1..2**40-1")
+        if slots <= 0 or slots > MAX_SLOTS:
+            raise errors.InvalidArgument(f"slots={slots} is out of range: use 1..{MAX_SLOTS}")
+        if slot_bytes <= 0 or slot_bytes > MAX_SLOT_BYTES:
+            raise errors.InvalidArgument(f"slot_bytes={slot_bytes} is out of range: use 1..{MAX_SLOT_BYTES}")
         if backing not in ("memfd", "named"):
             raise errors.InvalidArgument(f"backing={backing!r}: use 'memfd' or 'named'")
         flags = (lib.SHMFEED_ORDERED if ordered else 0) | (lib.SHMFEED_NAMED if backing == "named" else 0)
         out = ffi.new("shmfeed_ring **")
         err = ffi.new("char[]", ERR_BYTES)
         check(lib.shmfeed_ring_create(slots, slot_bytes, flags, out, err, ERR_BYTES), "creating ring", err)
-        ring = cls(out[0])
+        ring = cls(out[0], debug_views=debug_views)
         ring._record = registry.record(ring, "creator", backing)
         return ring
 
     @classmethod
-    def attach(cls, handle: "RingHandle | str", *, owner: int | None = None) -> "Ring":
+    def attach(cls, handle: "RingHandle | str", *, owner: int | None = None,
+               debug_views: bool | None = None) -> "Ring":
         """Attach to a ring created by another process; validates the whole header first."""
         path = handle.path if isinstance(handle, RingHandle) else str(handle)
         out = ffi.new("shmfeed_ring **")
         err = ffi.new("char[]", ERR_BYTES)
         check(lib.shmfeed_ring_attach(path.encode(), out, err, ERR_BYTES), f"attaching ring {path}", err)
-        ring = cls(out[0], owner=owner)
+        ring = cls(out[0], owner=owner, debug_views=debug_views)
         ring._record = registry.record(ring, "attached")
         return ring
 
@@ -148,16 +211,42 @@ class Ring:
         return self._ptr is not None
 
     def detach(self) -> None:
-        """Unmap the segment. Views handed out before become invalid: copy what you keep."""
-        with self._in_wait_lock:
-            ptr, self._ptr = self._ptr, None
+        """Give the segment up; every later call raises ``RingClosed``. Idempotent.
+
+        Views handed out before stop showing the ring: they read zeros from now
+        on, and the address range is unmapped with the last of them (NOTE
+        [mapping lifetime]). Copy what you keep. Interrupted (Ctrl-C), it leaves
+        the ring either attached as before or detached with the rest of the work
+        left for the next ``detach()`` or the finalizer: never half given up.
+        """
+        ptr = self._ptr
         if ptr is not None:
-            deadline = time.monotonic() + 10 * WAIT_SLICE
-            while self._in_wait and time.monotonic() < deadline:
-                time.sleep(WAIT_SLICE / 20)
-            lib.shmfeed_ring_detach(ptr)
-            if self._record is not None and self._record_pid == os.getpid():  # not a forked copy's
-                registry.forget(self._record)
+            try:
+                self._ptr = None  # no wait starts from here on (_call_waiting)
+                deadline = time.monotonic() + 10 * WAIT_SLICE
+                while self._in_wait and time.monotonic() < deadline:
+                    time.sleep(WAIT_SLICE / 20)
+            except BaseException:
+                self._ptr = ptr  # interrupted before anything was given up: still attached, usable
+                raise
+        self._give_up()
+
+    def _give_up(self) -> None:
+        """The work of detach() after the waits ended; each step may run again (an interrupted detach)."""
+        if self._base is not None:
+            # Idempotent in C, and the handle stays valid until _base goes: safe to repeat.
+            check(lib.shmfeed_ring_retire(self._handle), "detaching ring")
+            self._memory = None
+            self._base = None  # the range is unmapped with the last view of it: now, if there is none
+        if self._record is not None and self._record_pid == os.getpid():  # not a forked copy's
+            registry.forget(self._record)
+        self._record = None
+
+    def _inherited_by_fork(self) -> None:
+        """In a fork()ed child: this is the parent's ring, not ours (NOTE [fork])."""
+        self._in_wait = deque()  # the parent's waiting threads do not exist here
+        self._ptr = None  # no call from here; detach() frees this process's copy only
+        self._record = None  # the record is the parent's
 
     def __enter__(self) -> "Ring":
         return self
@@ -172,21 +261,24 @@ class Ring:
             pass
 
     def _live(self):
-        if self._ptr is None:
-            raise errors.SlotStateError("the ring is detached")
-        return self._ptr
+        ptr = self._ptr
+        if ptr is None:
+            raise errors.RingClosed("the ring is detached in this process (or was inherited through fork(): "
+                                    "attach ring.handle there)", code=CLOSE_NORMAL)
+        return ptr
 
     # ---- slot memory --------------------------------------------------------
 
-    def slot_buffer(self, slot: int, nbytes: int | None = None):
-        """A cffi buffer over slot ``slot`` (zero copy). For tests and adapters."""
+    def slot_buffer(self, slot: int, nbytes: int | None = None) -> memoryview:
+        """A writable memoryview of slot ``slot`` (zero copy); it keeps the mapping alive. For tests and adapters."""
         self._live()
         if not 0 <= slot < self.slots:
             raise errors.InvalidArgument(f"slot {slot} is out of range 0..{self.slots - 1}")
         n = self.slot_bytes if nbytes is None else nbytes
         if not 0 <= n <= self.slot_bytes:  # past the slot may be past the mapping: a segfault
             raise errors.InvalidArgument(f"nbytes={n} is out of range 0..{self.slot_bytes} (the slot size)")
-        return ffi.buffer(self._data + slot * self.slot_stride, n)
+        start = self._data_offset + slot * self.slot_stride
+        return self._memory[start: start + n]
 
     def slot_address(self, slot: int) -> int:
         """The virtual address of slot ``slot`` in this process (for page-locking, DMA)."""
@@ -227,15 +319,16 @@ class Ring:
                 raise errors.RingClosed(f"{what}: stopped by request", code=CLOSE_NORMAL)
 
     def _call_waiting(self, call: Callable[[int], int], timeout_ns: int, what: str) -> int:
-        with self._in_wait_lock:  # atomic with detach()'s swap of _ptr
+        # Announce, then look: detach() clears _ptr, then looks at _in_wait. Each step is one
+        # atomic operation under the GIL, so either detach() sees this entry and waits for it,
+        # or this sees _ptr gone and never enters C. No lock: a KeyboardInterrupt can land
+        # between any two bytecodes, and one landing inside `with lock:` can leave it held.
+        self._in_wait.append(None)
+        try:
             if self._ptr is None:
                 raise errors.RingClosed(f"{what}: the ring was detached by this process", code=CLOSE_NORMAL)
-            self._in_wait.append(None)
-        try:
             return call(timeout_ns)
         finally:
-            # deque.pop is atomic: no lock on the way out, where every line runs
-            # cold after a wake and adds to the hand-off latency.
             self._in_wait.pop()
 
     def _check_wait(self, rc: int, what: str) -> None:
@@ -243,6 +336,14 @@ class Ring:
             code, reason = self.close_reason()
             raise errors.RingClosed(f"{what}: the ring is closed" + (f": {reason}" if reason else ""),
                                     code=code, reason=reason)
+        if rc == lib.SHMFEED_E_CORRUPT and self._ptr is not None:
+            err = ffi.new("char[]", ERR_BYTES)  # a truncated named segment says so, with the sizes
+            if lib.shmfeed_ring_check_backing(self._ptr, err, ERR_BYTES) != _OK:
+                check(rc, what, err)
+            raise errors.CorruptSegment(
+                f"{what}: the ring's shared state is impossible: a slot descriptor, a payload length or the "
+                "consumer's position holds a value no pyshmfeed call writes (something else wrote into the "
+                "segment); the ring cannot be trusted any more")
         check(rc, what)
 
     # ---- producer side ------------------------------------------------------
@@ -263,7 +364,7 @@ class Ring:
                 raise errors.InvalidArgument("an ordered ring needs the batch sequence: claim(seq)")
             seq = self._next_unordered_seq
             self._next_unordered_seq += 1
-        if seq < 0 or seq >= 1 << 46:
+        if seq < 0 or seq > MAX_SEQ:
             raise errors.InvalidArgument(f"seq={seq} is out of range 0..2**46-1")
         out = ffi.new("shmfeed_claimed *")
         owner = self.owner
@@ -300,11 +401,11 @@ class Ring:
         # errors, counters and timeouts are exactly those of the loop alone.
         rc = lib.shmfeed_acquire(ptr, 0, out)
         if rc == _OK:
-            return ConsumerSlot(self, out)
+            return self._consumer_slot(self, out)
         if rc != _E_AGAIN:
             self._check_wait(rc, "acquiring the next batch")
         self._wait(lambda ns: lib.shmfeed_acquire(ptr, ns, out), "acquiring the next batch", timeout, stop)
-        return ConsumerSlot(self, out)
+        return self._consumer_slot(self, out)
 
     def try_acquire(self) -> "ConsumerSlot | None":
         """``acquire`` without waiting: ``None`` when nothing is ready."""
@@ -338,19 +439,25 @@ class Ring:
     def counters(self) -> dict[str, int]:
         """Monotonic counters kept in the segment (commits, acquires, waits, wait time...)."""
         c = ffi.new("shmfeed_counters *")
-        check(lib.shmfeed_counters_read(self._live(), c), "reading counters")
+        rc = lib.shmfeed_counters_read(self._live(), c)
+        if rc != _OK:
+            self._check_wait(rc, "reading counters")
         return {name: int(getattr(c, name)) for name, _ in ffi.typeof("shmfeed_counters").fields}
 
     def ready_slots(self) -> int:
         """Batches committed and not yet acquired: the ring's occupancy, cheap enough per batch."""
         c = self._counters_out
-        lib.shmfeed_counters_read(self._live(), c)
+        rc = lib.shmfeed_counters_read(self._live(), c)
+        if rc != _OK:  # the message is only formatted when it is needed
+            self._check_wait(rc, "reading counters")
         return int(c.commits - c.acquires)
 
     def slot_info(self, slot: int) -> dict[str, object]:
         """State, sequence, owner, payload length and timestamps of one slot (for inspect)."""
         info = ffi.new("shmfeed_slot_info *")
-        check(lib.shmfeed_slot_info_read(self._live(), slot, info), f"reading slot {slot}")
+        rc = lib.shmfeed_slot_info_read(self._live(), slot, info)
+        if rc != _OK:
+            self._check_wait(rc, f"reading slot {slot}")
         out = {name: int(getattr(info, name)) for name, _ in ffi.typeof("shmfeed_slot_info").fields}
         out["state"] = _SLOT_STATES[info.state]
         return out
@@ -360,7 +467,9 @@ class Ring:
         counts = dict.fromkeys(_SLOT_STATES.values(), 0)
         info = ffi.new("shmfeed_slot_info *")
         for i in range(self.slots):
-            lib.shmfeed_slot_info_read(self._live(), i, info)
+            rc = lib.shmfeed_slot_info_read(self._live(), i, info)
+            if rc != _OK:
+                self._check_wait(rc, f"reading slot {i}")
             counts[_SLOT_STATES[info.state]] += 1
         return counts
 
@@ -487,7 +596,7 @@ class ConsumerSlot:
         self._released = True
         rc = lib.shmfeed_release(self._ring._live(), self._acq)
         if rc < 0:  # the message is only formatted when it is needed
-            check(rc, f"releasing batch {self.seq}")
+            self._ring._check_wait(rc, f"releasing batch {self.seq}")
 
     def _check_open(self) -> None:
         if self._released:
@@ -500,6 +609,26 @@ class ConsumerSlot:
     def __exit__(self, *exc) -> None:
         if not self._released:
             self.release()
+
+
+class _PoisoningConsumerSlot(ConsumerSlot):
+    """Debug mode (``views.py``): guarded array views, and the slot poisoned when it is released."""
+
+    __slots__ = ()
+
+    def array(self, dtype, shape, offset: int = 0, *, writable: bool = False) -> np.ndarray:
+        return views.guarded(super().array(dtype, shape, offset, writable=writable), self._check_fresh)
+
+    def _check_fresh(self) -> None:
+        if self._released:
+            raise errors.StaleView(f"batch {self.seq}: a view of slot {self.slot} was read after the slot was "
+                                   "released; the slot now holds another batch (copy what you keep before "
+                                   "releasing: array.copy(), batch.copy())")
+
+    def release(self) -> None:
+        if not self._released:  # still ours: no producer writes it until the release below
+            np.frombuffer(self._ring.slot_buffer(self.slot), dtype=np.uint8).fill(views.POISON)
+        super().release()
 
 
 def _view(ring: Ring, slot: int, dtype, shape, offset: int, limit: int, *, writable: bool) -> np.ndarray:

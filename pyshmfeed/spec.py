@@ -17,11 +17,19 @@ one ``np.ndarray`` over slot memory: no copy on either side.
 
 The consumer never trusts the header: the array count, every dimension and
 the metadata length are checked against this spec before a view is built.
+
+Debug mode (``PYSHMFEED_DEBUG_VIEWS=1`` or ``SlotLayout(..., debug_views=True)``,
+see ``views.py``): the views ``SlotLayout.read`` returns raise ``StaleView`` when
+read once the slot no longer holds their batch. The batch's identity in the
+slot header (its ring sequence: one per acquire) is the generation each read
+compares; a released slot is poisoned by a debug ring, and a reused one holds
+another sequence.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 import struct
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -29,7 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from .errors import CorruptSegment, InvalidArgument, SpecMismatch
+from . import views as debug
+from .errors import CorruptSegment, InvalidArgument, SpecMismatch, StaleView
 
 MAX_DIMS = 8
 META_BYTES = 256
@@ -82,6 +91,11 @@ class BatchSpec:
             arrays = named
         if isinstance(arrays, Mapping):
             items = list(arrays.items())
+            for name, _ in items:
+                # A name is how a batch finds its array: 1 and "1" would be one array under two keys.
+                if not isinstance(name, str):
+                    raise InvalidArgument(f"array name {name!r} ({type(name).__name__}) is not a string: "
+                                          f"name arrays with strings (use {str(name)!r})")
             self.positional = False
         elif isinstance(arrays, (list, tuple)):
             items = [(str(i), a) for i, a in enumerate(arrays)]
@@ -92,7 +106,7 @@ class BatchSpec:
             raise InvalidArgument("a BatchSpec needs at least one array")
         specs = []
         for name, desc in items:
-            specs.append(_array_spec(str(name), desc))
+            specs.append(_array_spec(name, desc))
         self.arrays: tuple[ArraySpec, ...] = tuple(specs)
         self.names: tuple[str, ...] = tuple(a.name for a in specs)
         self._by_name = {a.name: i for i, a in enumerate(specs)}
@@ -172,10 +186,11 @@ def _array_spec(name: str, desc: Any) -> ArraySpec:
         return ArraySpec(name, desc.shape, desc.dtype)
     try:
         shape, dtype = desc
-        shape = tuple(int(d) for d in (shape if isinstance(shape, (tuple, list)) else (shape,)))
+        dims = shape if isinstance(shape, (tuple, list)) else (shape,)
         dtype = np.dtype(dtype)
     except (TypeError, ValueError) as exc:
         raise InvalidArgument(f"array {name!r}: expected (shape, dtype), got {desc!r}") from exc
+    shape = tuple(_dimension(name, d) for d in dims)
     if len(shape) > MAX_DIMS:
         raise InvalidArgument(f"array {name!r}: rank {len(shape)} is over the maximum of {MAX_DIMS}")
     if any(d <= 0 for d in shape):
@@ -184,6 +199,16 @@ def _array_spec(name: str, desc: Any) -> ArraySpec:
         raise InvalidArgument(f"array {name!r}: dtype {dtype} holds Python objects, which cannot live in "
                               "shared memory")
     return ArraySpec(name, shape, dtype)
+
+
+def _dimension(name: str, d: Any) -> int:
+    """A maximum dimension as an int: 2.5 (or 2.0) and True are refused, not rounded or counted as 1."""
+    if isinstance(d, (bool, np.bool_)):
+        raise InvalidArgument(f"array {name!r}: dimension {d!r} is a bool, not a size")
+    try:
+        return operator.index(d)  # ints and numpy integers; never a float
+    except TypeError:
+        raise InvalidArgument(f"array {name!r}: dimension {d!r} ({type(d).__name__}) is not an int") from None
 
 
 class SlotLayout:
@@ -196,7 +221,7 @@ class SlotLayout:
     Python cost, so it is kept to a few microseconds.
     """
 
-    def __init__(self, spec: BatchSpec, buffer: Any, slot_bytes: int) -> None:
+    def __init__(self, spec: BatchSpec, buffer: Any, slot_bytes: int, *, debug_views: bool | None = None) -> None:
         if spec.slot_bytes > slot_bytes:
             raise InvalidArgument(f"{spec} needs {spec.slot_bytes} bytes per slot, the ring's slots have "
                                   f"{slot_bytes}")
@@ -217,6 +242,8 @@ class SlotLayout:
         self.header = self.raw[: _HEADER.size].view(_FIXED_HEADER)[0:1]
         self.shapes = self.raw[spec._shapes_offset: spec._shapes_offset + n * MAX_DIMS * 8].view("<i8") \
             .reshape(n, MAX_DIMS)
+        if debug.debug_views_enabled(debug_views):
+            self.read = self._read_guarded  # chosen once: the plain read pays nothing for debug mode
 
     # ---- producer -----------------------------------------------------------
 
@@ -291,6 +318,20 @@ class SlotLayout:
         ident = {"index": index, "epoch": epoch, "seq": seq, "worker": worker}
         meta = bytes(self.mem[spec._meta_offset: spec._meta_offset + meta_len]) if meta_len else b""
         return ident, views, meta
+
+    def _read_guarded(self, nbytes: int) -> tuple[dict[str, int], list[np.ndarray], bytes]:
+        """``read`` in debug mode: views that raise ``StaleView`` once the slot holds something else."""
+        header = bytes(self.mem[: _HEADER.size])  # identity and ring sequence: one per acquire
+        ident, views, meta = SlotLayout.read(self, nbytes)
+        mem = self.mem
+
+        def check_fresh() -> None:
+            if mem[: _HEADER.size] != header:
+                raise StaleView(f"batch index {ident['index']} (epoch {ident['epoch']}, ring seq {ident['seq']}) "
+                                "was read after its slot was released: the slot now holds another batch or "
+                                "the release poison (copy what you keep: batch.copy())")
+
+        return ident, [debug.guarded(v, check_fresh) for v in views], meta
 
 
 class Batch(Mapping):

@@ -25,6 +25,7 @@ misplaced batch cannot pass for a good one.
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import re
@@ -621,12 +622,60 @@ def test_garbage_counters_and_unordered_fields_stay_in_bounds():
         assert got_any == 3
 
 
-def test_garbage_consumer_head_gives_a_timeout_not_a_crash(hostile):
+def test_garbage_consumer_head_is_corrupt_segment_not_a_crash_or_an_endless_wait(hostile):
     ring, producer, shm = hostile
     producer.claim(0).commit(1)
-    shm[CONSUMER_HEAD // 8] = 2**64 - 3
-    with pytest.raises(Timeout):
-        ring.acquire(timeout=0.2)
+    shm[CONSUMER_HEAD // 8] = 2**64 - 3  # slot 1 holds batch 1: never what a consumer at 2**64 - 3 sees
+    with pytest.raises(CorruptSegment):
+        ring.acquire(timeout=5)
+
+
+@pytest.mark.parametrize("ordered", [True, False], ids=["ordered", "unordered"])
+def test_a_payload_length_past_the_slot_leaves_the_slot_ready_and_the_ring_usable(ordered):
+    # The error comes before the slot moves: the consumer holds no token it could not give back.
+    with Ring.create(4, SLOT_BYTES, ordered=ordered) as ring, Ring.attach(ring.handle) as producer:
+        shm = np.frombuffer(ffi.buffer(ring._base, ring.nbytes), dtype="<u8")
+        with producer.claim(0) as slot:
+            write_batch(slot, 0)
+        good = shm[desc(0, PAYLOAD_LEN)]
+        shm[desc(0, PAYLOAD_LEN)] = SLOT_BYTES + 1
+        for _ in range(3):
+            with pytest.raises(CorruptSegment):
+                ring.acquire(timeout=1)
+        assert ring.slot_info(0)["state"] == "ready"
+        assert ring.counters()["consumer_head"] == 0 and ring.counters()["acquires"] == 0
+        shm[desc(0, PAYLOAD_LEN)] = good  # whoever wrote it puts it back: the batch is still there
+        with ring.acquire(timeout=1) as got:
+            assert check_batch(got) == 0
+
+
+def descriptor_scribbler(path: str, slots: int, seed: int) -> None:
+    """A hostile process: random bytes over every slot descriptor of a live ring (not the header)."""
+    rng = np.random.default_rng(seed)
+    with open(path, "r+b") as f:
+        f.seek(DESC)
+        f.write(rng.bytes(slots * DESC_BYTES))
+    os._exit(0)
+
+
+def test_random_bytes_over_the_descriptors_of_an_ordered_ring_are_corrupt_segment_at_once(start):
+    times = []
+    for seed in range(20):
+        with Ring.create(4, SLOT_BYTES) as ring, Ring.attach(ring.handle) as producer:
+            for seq in range(7):  # a lap and a half through the ring, then two batches ready
+                with producer.claim(seq, timeout=5) as slot:
+                    write_batch(slot, seq)
+                if seq < 5:
+                    with ring.acquire(timeout=5) as got:
+                        assert check_batch(got) == seq
+            hostile = start(descriptor_scribbler, ring.handle.path, ring.slots, seed)
+            hostile.join(30)
+            assert hostile.exitcode == 0
+            t0 = time.monotonic()
+            with pytest.raises(CorruptSegment, match="impossible"):
+                ring.acquire(timeout=30)  # before: a Timeout every time, whatever the timeout
+            times.append(time.monotonic() - t0)
+    print(f"\n[random descriptors, ordered] 20 of 20 acquires: CorruptSegment within {max(times) * 1e3:.2f} ms")
 
 
 def scribbler(path: str, seconds: float, seed: int) -> None:
@@ -694,6 +743,152 @@ def test_random_scribbling_on_the_metadata_never_crashes_a_ring_user(start, orde
     print(f"\n[scribbled {'ordered' if ordered else 'unordered'}] outcomes of ring calls: {outcomes}")
     assert "unexpected" not in outcomes, outcomes
     assert sum(outcomes.values()) > 100, outcomes
+
+
+# ---- a named segment truncated by another process ----------------------------------------
+
+TRUNCATED_UNDER_A_CONSUMER = """
+import json, subprocess, sys
+import numpy as np
+from pyshmfeed import Ring
+from pyshmfeed.errors import CorruptSegment, ShmfeedError
+
+cut = sys.argv[1]
+ring = Ring.create(4, 1 << 16, backing="named")
+producer = Ring.attach(ring.handle)
+for seq in range(3):
+    with producer.claim(seq) as slot:
+        slot.memory[:] = bytes([seq + 1]) * len(slot.memory)
+held = ring.acquire(timeout=5)
+view = held.array(np.uint8, 1 << 16)
+assert int(view[0]) == 1
+size = {"all": 0, "header": 4096, "counters": 8192, "slots": ring._data_offset + (1 << 16) // 2}[cut]
+# Another process of this user cuts the file.
+subprocess.run([sys.executable, "-c", f"import os; os.truncate({ring.handle.path!r}, {size})"], check=True)
+out = {"held view": int(view[-1])}  # a page past the new end, unless only the slots were cut...
+out["held view, first page"] = int(view[0])
+calls = {"acquire": lambda: ring.acquire(timeout=1), "claim": lambda: producer.claim(3, timeout=1),
+         "ready_slots": ring.ready_slots, "occupancy": ring.occupancy, "release": held.release}
+for name, call in calls.items():
+    try:
+        call()
+        out[name] = "ok"
+    except ShmfeedError as exc:
+        out[name] = f"{type(exc).__name__}: {exc}"
+producer.detach()
+ring.detach()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("cut", ["all", "header", "counters", "slots"])
+def test_a_named_segment_truncated_by_another_process_is_corrupt_segment_never_sigbus(cut):
+    child = subprocess.run([sys.executable, "-c", TRUNCATED_UNDER_A_CONSUMER, cut], capture_output=True,
+                           text=True, timeout=120, check=False)
+    assert child.returncode == 0, f"the consumer died ({child.returncode}): {child.stderr[-2000:]}"
+    out = json.loads(child.stdout)
+    print(f"\n[named segment cut to '{cut}'] {out}")
+    assert out["held view"] == 0  # the page is gone: it reads zeros, it does not kill the process
+    for call in ("acquire", "claim"):  # never hand out a slot of a cut segment
+        assert out[call].startswith("CorruptSegment") and "truncated" in out[call], out[call]
+    if cut != "slots":  # the descriptors and counters were cut too: nothing read from them passes
+        assert all(out[c].startswith("CorruptSegment") for c in ("ready_slots", "occupancy", "release")), out
+
+
+# ---- the system refuses: memfd seals, futex ------------------------------------------------
+
+FAILING_SEALS = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdarg.h>
+static int refuse(int fd, int cmd, void *arg, const char *name)
+{
+    if (cmd == F_ADD_SEALS) { errno = EPERM; return -1; }
+    int (*real)(int, int, ...) = (int (*)(int, int, ...))dlsym(RTLD_NEXT, name);
+    return real(fd, cmd, arg);
+}
+int fcntl(int fd, int cmd, ...) { va_list ap; va_start(ap, cmd); void *a = va_arg(ap, void *); va_end(ap);
+                                  return refuse(fd, cmd, a, "fcntl"); }
+int fcntl64(int fd, int cmd, ...) { va_list ap; va_start(ap, cmd); void *a = va_arg(ap, void *); va_end(ap);
+                                    return refuse(fd, cmd, a, "fcntl64"); }
+"""
+
+NO_FUTEX = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <stdarg.h>
+#include <sys/syscall.h>
+static long attempts;
+long futex_attempts(void) { return attempts; }
+long syscall(long n, ...)
+{
+    va_list ap; va_start(ap, n);
+    long a[6]; for (int i = 0; i < 6; i++) a[i] = va_arg(ap, long);
+    va_end(ap);
+    if (n == SYS_futex) { __atomic_add_fetch(&attempts, 1, __ATOMIC_RELAXED); errno = ENOSYS; return -1; }
+    long (*real)(long, ...) = (long (*)(long, ...))dlsym(RTLD_NEXT, "syscall");
+    return real(n, a[0], a[1], a[2], a[3], a[4], a[5]);
+}
+"""
+
+
+def build_shim(tmp_path, name: str, source: str) -> str:
+    cc = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        pytest.skip("needs a C compiler to build the LD_PRELOAD shim")
+    (tmp_path / f"{name}.c").write_text(source)
+    shim = tmp_path / f"{name}.so"
+    subprocess.run([cc, "-shared", "-fPIC", "-o", str(shim), str(tmp_path / f"{name}.c"), "-ldl"], check=True)
+    return str(shim)
+
+
+def test_a_memfd_that_cannot_be_sealed_is_refused_not_run_unprotected(tmp_path):
+    shim = build_shim(tmp_path, "refuse_seals", FAILING_SEALS)
+    code = ("from pyshmfeed import Ring, SegmentError\n"
+            "try:\n    Ring.create(2, 64)\n    print('CREATED')\n"
+            "except SegmentError as exc:\n    print('REFUSED', exc)\n"
+            "Ring.create(2, 64, backing='named').detach()\nprint('NAMED OK')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, LD_PRELOAD=shim), check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("REFUSED") and "sealing the memfd" in out.stdout, out.stdout
+    assert "NAMED OK" in out.stdout
+
+
+WITHOUT_FUTEX = """
+import ctypes, sys, threading, time
+from pyshmfeed import Ring, Timeout
+shim = ctypes.CDLL(sys.argv[1])
+shim.futex_attempts.restype = ctypes.c_long
+with Ring.create(2, 64) as ring:
+    t0 = time.monotonic()
+    try:
+        ring.acquire(timeout=0.5)
+    except Timeout:
+        pass
+    waited = time.monotonic() - t0
+    attempts = shim.futex_attempts()
+    # Wake-ups still happen (by polling): a batch committed by another thread is taken.
+    threading.Timer(0.2, lambda: ring.claim(0).commit(1)).start()
+    got = ring.acquire(timeout=10)
+    print(attempts, round(waited, 3), got.seq, got.nbytes)
+"""
+
+
+def test_without_futex_a_wait_polls_with_short_sleeps_instead_of_spinning(tmp_path):
+    shim = build_shim(tmp_path, "no_futex", NO_FUTEX)
+    out = subprocess.run([sys.executable, "-c", WITHOUT_FUTEX, shim], capture_output=True, text=True, timeout=60,
+                         env=dict(os.environ, LD_PRELOAD=shim), check=False)
+    assert out.returncode == 0, out.stderr[-2000:]
+    attempts, waited, seq, nbytes = out.stdout.split()
+    print(f"\n[futex refused] a {waited} s wait made {attempts} futex attempts")
+    # Each attempt after the first is followed by a sleep of up to 0.2 ms, so 0.5 s allow some
+    # thousands, whatever the machine's load; a spin makes millions.
+    assert int(attempts) <= 5, "every wait retried the refused futex"
+    assert (int(seq), int(nbytes)) == (0, 1)
 
 
 # ---- too little memory ---------------------------------------------------------------------

@@ -93,10 +93,21 @@ def test_create_rejects_a_slot_count_out_of_range(slots):
     assert str(slots) in str(err)
 
 
-@pytest.mark.parametrize("slot_bytes", [0, -4096, 2**40, 2**64, 2**64 + 1])
+@pytest.mark.parametrize("slot_bytes", [0, -4096, 2**40 + 1, 2**64, 2**64 + 1])
 def test_create_rejects_a_slot_size_out_of_range(slot_bytes):
     err = raises_exactly(InvalidArgument, Ring.create, 4, slot_bytes)
     assert str(slot_bytes) in str(err)
+
+
+def test_python_takes_the_size_limits_from_the_c_core():
+    # The largest sizes C accepts pass Python's checks and reach C, which refuses them for want of
+    # memory (NoSpace), not as out of range; one past them is InvalidArgument in both.
+    max_slots, max_bytes = lib.shmfeed_max_slots(), lib.shmfeed_max_slot_bytes()
+    assert (max_slots, max_bytes) == (65536, 2**40)
+    raises_exactly(NoSpace, Ring.create, 4, max_bytes)
+    raises_exactly(NoSpace, Ring.create, max_slots, 2**30)
+    raises_exactly(InvalidArgument, Ring.create, 4, max_bytes + 1)
+    raises_exactly(InvalidArgument, Ring.create, max_slots + 1, 64)
 
 
 @pytest.mark.parametrize("slots, slot_bytes", [(4.0, 64), ("4", 64), (4, 64.5), (None, 64)])
@@ -416,12 +427,14 @@ def test_array_past_the_payload_raises_payload_too_large(ring):
         raises_exactly(PayloadTooLarge, got.array, "uint8", 2)
 
 
-def test_using_a_detached_ring_raises_slot_state_error():
+def test_using_a_detached_ring_raises_ring_closed():
     ring = Ring.create(1, 64)
     ring.detach()
-    raises_exactly(SlotStateError, ring.acquire, timeout=0)
-    raises_exactly(SlotStateError, ring.claim, 0)
-    raises_exactly(SlotStateError, ring.counters)
+    raises_exactly(RingClosed, ring.acquire, timeout=0)
+    raises_exactly(RingClosed, ring.claim, 0)
+    raises_exactly(RingClosed, ring.counters)
+    raises_exactly(RingClosed, ring.ready_slots)
+    raises_exactly(RingClosed, ring.slot_buffer, 0)
 
 
 def test_slot_out_of_range_is_invalid(ring):

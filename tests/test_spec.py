@@ -104,6 +104,26 @@ def test_bad_specs_are_rejected_with_the_reason(args, kwargs, needle):
         assert "'x'" in str(info.value)  # the message names the array
 
 
+@pytest.mark.parametrize("arrays, needle", [
+    ({"x": ((2.5, 3), "float32")}, "dimension 2.5 (float) is not an int"),  # would silently be 2
+    ({"x": ((2.0,), "float32")}, "dimension 2.0 (float) is not an int"),
+    ({"x": (2.5, "float32")}, "dimension 2.5 (float) is not an int"),  # a bare 1-d shape too
+    ({"x": ((True, 3), "float32")}, "dimension True is a bool"),  # would silently be 1
+    ({"x": ((np.bool_(True),), "float32")}, "True_ is a bool"),
+    ({"x": (("4",), "float32")}, "dimension '4' (str) is not an int"),
+    ({1: ((2,), "float32"), "1": ((2,), "float32")}, "array name 1 (int) is not a string"),  # one name, twice
+    ({1: ((2,), "float32")}, "array name 1 (int) is not a string"),
+])
+def test_dimensions_and_names_that_are_not_what_they_seem_are_refused(arrays, needle):
+    with pytest.raises(InvalidArgument) as info:
+        BatchSpec(arrays)
+    assert needle in str(info.value)
+
+
+def test_numpy_integers_are_dimensions():
+    assert BatchSpec(x=((np.int64(4), np.uint8(3)), "float32")).arrays[0].shape == (4, 3)
+
+
 def test_slot_layout_refuses_a_slot_smaller_than_the_spec():
     buf = bytearray(MIXED.slot_bytes - 1)
     with pytest.raises(InvalidArgument, match=str(MIXED.slot_bytes)):

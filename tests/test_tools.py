@@ -38,11 +38,15 @@ def claim_and_die(handle, conn, registry_dir: str) -> None:
     signal.pause()
 
 
-def named_creator(conn, registry_dir: str) -> None:
+def named_creator(conn, registry_dir: str, backing: str = "named") -> None:
     os.environ[registry.REGISTRY_ENV] = registry_dir
-    ring = Ring.create(2, 4096, backing="named")
+    ring = Ring.create(2, 4096, backing=backing)
     conn.send(ring.handle.path)
     signal.pause()
+
+
+PRODUCER = ("import sys, time; from pyshmfeed import Ring\n"
+            "r = Ring.attach(sys.argv[1]); r.claim(0).commit(100); print('attached', flush=True); time.sleep(60)")
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str]:
@@ -185,6 +189,75 @@ def test_cleanup_reports_an_orphaned_producer_and_stops_it_when_asked(capsys):
         if producer.poll() is None:
             producer.kill()
             producer.wait()
+
+
+def dead_claimer(ring: Ring) -> int:
+    """A producer process that claimed batch 1 of ``ring`` and was SIGKILLed holding it: its pid."""
+    parent, child = _CTX.Pipe()
+    victim = _CTX.Process(target=claim_and_die, args=(ring.handle, child, registry.registry_dir()))
+    victim.start()
+    assert parent.poll(60)
+    pid = parent.recv()
+    os.kill(pid, signal.SIGKILL)
+    victim.join(10)
+    return pid
+
+
+def test_cleanup_keeps_a_dead_claimers_record_until_reclaim_so_inspect_still_flags_it(capsys):
+    with Ring.create(4, 4096) as ring:
+        victim_pid = dead_claimer(ring)
+        rc, out = run_cli(capsys, "cleanup")
+        assert rc == 0 and f"pid {victim_pid} is gone but still holds slot(s) [1]" in out
+        rc, out = run_cli(capsys, "inspect", "--json")
+        claimed = json.loads(out)["rings"][0]["slot_states"][1]
+        assert (claimed["owner_pid"], claimed["owner_alive"], claimed["needs_reclaim"]) == (victim_pid, False, True)
+        (owner,) = [a["owner"] for a in registry.rings()[0]["attached"]]
+        assert ring.reclaim(owner) == [1]  # what the feed does: now the record says nothing true any more
+        rc, out = run_cli(capsys, "cleanup")
+        assert "removed registry record" in out and registry.rings()[0]["attached"] == []
+
+
+def test_forget_process_removes_the_record_of_a_replaced_producer(capsys):
+    with Ring.create(4, 4096) as ring, Ring.create(2, 64) as other:
+        victim_pid = dead_claimer(ring)
+        (owner,) = [a["owner"] for e in registry.rings() for a in e["attached"] if a["pid"] == victim_pid]
+        assert ring.reclaim(owner) == [1]
+        assert registry.forget_process(victim_pid, other) == 0  # another ring's records only
+        assert registry.forget_process(victim_pid, ring) == 1
+        assert registry.forget_process(victim_pid, ring) == 0
+        assert all(e["attached"] == [] and e["ring"] is not None for e in registry.rings())
+        rc, out = run_cli(capsys, "inspect")
+        assert "DEAD" not in out and "dead" not in out
+
+
+def test_inspect_lists_an_orphaned_memfd_ring_and_agrees_with_cleanup(capsys):
+    parent, child = _CTX.Pipe()
+    creator = _CTX.Process(target=named_creator, args=(child, registry.registry_dir(), "memfd"))
+    creator.start()
+    assert parent.poll(60)
+    path = parent.recv()
+    producer = subprocess.Popen([sys.executable, "-c", PRODUCER, path], stdout=subprocess.PIPE, text=True)
+    try:
+        assert producer.stdout.readline().strip() == "attached"
+        os.kill(creator.pid, signal.SIGKILL)
+        creator.join(10)
+        for _ in range(2):  # before and after a cleanup, which must not hide a ring that still lives
+            rc, out = run_cli(capsys, "inspect", "--json")
+            (desc,) = json.loads(out)["rings"]
+            assert desc["orphaned"] and not desc["creator_alive"] and desc["pid"] == creator.pid
+            assert desc["occupancy"]["ready"] == 1 and desc["slot_states"][0]["payload_len"] == 100
+            assert [(p["pid"], p["alive"]) for p in desc["producers"]] == [(producer.pid, True)]
+            rc, out = run_cli(capsys, "cleanup")
+            assert f"orphaned: producer pid {producer.pid}" in out
+        rc, text = run_cli(capsys, "inspect")
+        assert f"ORPHANED: creator pid {creator.pid} is gone" in text
+    finally:
+        producer.kill()
+        producer.wait()
+    rc, out = run_cli(capsys, "inspect", "--json")
+    assert json.loads(out)["rings"] == []  # nothing maps it any more: it is gone, for both tools
+    run_cli(capsys, "cleanup")
+    assert registry.rings() == []
 
 
 # ---- doctor -------------------------------------------------------------------------------

@@ -929,6 +929,62 @@ static int test_seq_committed(void)
     return 0;
 }
 
+/* ---- scribbled descriptors ------------------------------------------------ */
+
+/* A descriptor no protocol step could have written is CORRUPT at once, and an acquire
+ * that refuses moves nothing: the slot stays READY, the head stays put. */
+static int test_impossible_descriptors_are_corrupt_and_move_nothing(void)
+{
+    shmfeed_ring *ring = make_ring(4, 64, SHMFEED_ORDERED);
+    shmfeed_acquired a;
+    shmfeed_claimed c;
+    CHECK(ring);
+    CHECK(produce(ring, 0, OWNER_A, 8, 1) == 0);
+    shm_slot_desc *d = slot_desc(ring, 0);
+
+    store_relaxed64(&d->payload_len, 65); /* READY(0), but longer than the slot */
+    CHECK_RC(shmfeed_acquire(ring, 0, &a), SHMFEED_E_CORRUPT);
+    CHECK_RC(shmfeed_acquire(ring, 50 * MS, &a), SHMFEED_E_CORRUPT);
+    CHECK_EQ(slot_state(ring, 0), SHMFEED_SLOT_READY);
+    CHECK_EQ(load_relaxed64(&ring_counters_page(ring)->consumer.head), 0);
+    store_relaxed64(&d->payload_len, 8); /* repaired: the batch is still there to take */
+    CHECK(consume(ring, 0, 8, 1) == 0);
+
+    /* The consumer at batch 1 looks at slot 1: a sequence that slot never holds, in each state. */
+    for (uint64_t st = 0; st < 4; st++) {
+        uint64_t saved = load_relaxed64(&slot_desc(ring, 1)->word);
+        store_relaxed64(&slot_desc(ring, 1)->word, word_make(0, 1 + 4 * 1000, st));
+        CHECK_RC(shmfeed_acquire(ring, 0, &a), SHMFEED_E_CORRUPT);
+        CHECK_RC(shmfeed_acquire(ring, 50 * MS, &a), SHMFEED_E_CORRUPT); /* not a timeout */
+        store_relaxed64(&slot_desc(ring, 1)->word, saved);
+    }
+    /* Legal ones still wait: free for batch 1, or batch 1 being written. */
+    CHECK_RC(shmfeed_acquire(ring, 0, &a), SHMFEED_E_AGAIN);
+    /* A producer's slot whose sequence is not slot + k*N: nobody wrote it either. */
+    store_relaxed64(&slot_desc(ring, 2)->word, word_make(0, 3, SHMFEED_SLOT_FREE));
+    CHECK_RC(shmfeed_claim(ring, 2, OWNER_A, 50 * MS, &c), SHMFEED_E_CORRUPT);
+    CHECK_RC(shmfeed_ring_detach(ring), SHMFEED_OK);
+    return 0;
+}
+
+/* The consumer still holding batch h - N (it may hold several) is a legal sight, not corruption. */
+static int test_consumer_holding_a_lap_behind_is_not_corrupt(void)
+{
+    shmfeed_ring *ring = make_ring(2, 64, SHMFEED_ORDERED);
+    shmfeed_acquired held, a;
+    CHECK(ring);
+    CHECK(produce(ring, 0, OWNER_A, 1, 1) == 0);
+    shmfeed_acquired none;
+    CHECK_RC(shmfeed_acquire(ring, 0, &held), SHMFEED_OK); /* batch 0, kept */
+    CHECK(produce(ring, 1, OWNER_A, 1, 2) == 0);
+    CHECK_RC(shmfeed_acquire(ring, 0, &a), SHMFEED_OK); /* batch 1 */
+    CHECK_RC(shmfeed_acquire(ring, 20 * MS, &none), SHMFEED_E_TIMEOUT); /* slot 0: batch 0, acquired */
+    CHECK_RC(shmfeed_release(ring, &held), SHMFEED_OK);
+    CHECK_RC(shmfeed_release(ring, &a), SHMFEED_OK);
+    CHECK_RC(shmfeed_ring_detach(ring), SHMFEED_OK);
+    return 0;
+}
+
 int main(void)
 {
     int failures = 0;
@@ -962,6 +1018,8 @@ int main(void)
     RUN(failures, test_close_reason_and_after_close);
     RUN(failures, test_counters_follow_operations);
     RUN(failures, test_seq_committed);
+    RUN(failures, test_impossible_descriptors_are_corrupt_and_move_nothing);
+    RUN(failures, test_consumer_holding_a_lap_behind_is_not_corrupt);
     if (failures)
         fprintf(stderr, "test_protocol: %d failed\n", failures);
     return failures ? T_EXIT_FAIL : T_EXIT_PASS;

@@ -565,6 +565,131 @@ static int test_named_segment(void)
     return expect_attach_fails(path, SHMFEED_E_NOENT, path);
 }
 
+/* ---- faults, round 2 -------------------------------------------------------- */
+
+static int count_fds(void)
+{
+    int n = 0;
+    char path[64];
+    for (int fd = 0; fd < 1024; fd++) {
+        snprintf(path, sizeof path, "/proc/self/fd/%d", fd);
+        n += access(path, F_OK) == 0;
+    }
+    return n;
+}
+
+static int test_memory_available_with_no_out_leaks_nothing(void)
+{
+    int before = count_fds();
+    for (int i = 0; i < 50; i++)
+        CHECK_RC(shmfeed_memory_available(0, NULL), SHMFEED_E_INVAL);
+    CHECK_EQ(count_fds(), before); /* it used to fopen /proc/meminfo first and never close it */
+    return 0;
+}
+
+static int test_limits_are_the_layouts(void)
+{
+    CHECK_EQ(shmfeed_max_slots(), SHMFEED_MAX_SLOTS);
+    CHECK_EQ(shmfeed_max_slot_bytes(), SHMFEED_MAX_SLOT_BYTES);
+    uint64_t need;
+    CHECK_RC(shmfeed_ring_size_for(shmfeed_max_slots(), shmfeed_max_slot_bytes(), &need), SHMFEED_OK);
+    CHECK_RC(shmfeed_ring_size_for(1, shmfeed_max_slot_bytes() + 1, &need), SHMFEED_E_INVAL);
+    return 0;
+}
+
+/* Retire gives the segment up (name, descriptor, shared pages) but keeps the range readable. */
+static int test_retire_keeps_the_range_as_zeros_and_gives_the_segment_up(void)
+{
+    shmfeed_ring *ring;
+    shmfeed_geometry g;
+    uint8_t *base;
+    char path[128], err[ERRLEN];
+    struct stat st;
+    int before = count_fds();
+    CHECK_RC(shmfeed_ring_create(2, 4096, SHMFEED_NAMED | SHMFEED_ORDERED, &ring, err, sizeof err), SHMFEED_OK);
+    CHECK_RC(shmfeed_ring_path(ring, path, sizeof path), SHMFEED_OK);
+    CHECK_RC(shmfeed_ring_geometry(ring, &g), SHMFEED_OK);
+    CHECK_RC(shmfeed_ring_base(ring, &base), SHMFEED_OK);
+    memset(base + g.data_offset, 0x5a, 4096);
+    CHECK_RC(shmfeed_ring_retire(ring), SHMFEED_OK);
+    CHECK(stat(path, &st) != 0 && errno == ENOENT); /* the creator's retire unlinks the name */
+    CHECK_EQ(count_fds(), before);                   /* and closes the descriptor */
+    for (uint64_t i = 0; i < g.segment_bytes; i += 512)
+        CHECK_EQ(base[i], 0); /* the range is still mapped: zeros, not the ring, and no fault */
+    base[g.data_offset] = 1;   /* writable too: a late producer view does not fault either */
+    CHECK_RC(shmfeed_ring_retire(ring), SHMFEED_OK); /* idempotent */
+    CHECK_RC(shmfeed_ring_detach(ring), SHMFEED_OK);
+    CHECK_RC(shmfeed_ring_retire(NULL), SHMFEED_E_INVAL);
+    return 0;
+}
+
+/* A fork()ed child that frees (or retires) its copy of the creator's handle keeps the name. */
+static int test_forked_child_never_unlinks_its_parents_segment(void)
+{
+    for (int retire = 0; retire < 2; retire++) {
+        shmfeed_ring *ring, *peer;
+        char path[128], err[ERRLEN];
+        struct stat st;
+        int status;
+        CHECK_RC(shmfeed_ring_create(2, 64, SHMFEED_NAMED | SHMFEED_ORDERED, &ring, err, sizeof err), SHMFEED_OK);
+        CHECK_RC(shmfeed_ring_path(ring, path, sizeof path), SHMFEED_OK);
+        pid_t pid = fork();
+        CHECK(pid >= 0);
+        if (pid == 0) {
+            int rc = retire ? shmfeed_ring_retire(ring) : SHMFEED_OK;
+            rc |= shmfeed_ring_detach(ring);
+            _exit(rc == SHMFEED_OK ? 0 : 1);
+        }
+        CHECK(waitpid(pid, &status, 0) == pid && WIFEXITED(status) && WEXITSTATUS(status) == 0);
+        CHECK(stat(path, &st) == 0);
+        CHECK_RC(shmfeed_ring_attach(path, &peer, err, sizeof err), SHMFEED_OK);
+        CHECK_RC(shmfeed_ring_detach(peer), SHMFEED_OK);
+        CHECK_RC(shmfeed_ring_detach(ring), SHMFEED_OK);
+        CHECK(stat(path, &st) != 0 && errno == ENOENT); /* the creator itself still removes it */
+    }
+    return 0;
+}
+
+/* Another process truncates a named segment: calls say CORRUPT, reads past the end read zeros. */
+static int test_truncated_named_segment_is_corrupt_never_sigbus(void)
+{
+    static const uint64_t cuts[] = {0, SHMFEED_PAGE, SHMFEED_DESC_OFFSET, 3 * SHMFEED_PAGE};
+    for (size_t k = 0; k < sizeof cuts / sizeof cuts[0]; k++) {
+        shmfeed_ring *ring;
+        shmfeed_geometry g;
+        shmfeed_claimed c;
+        shmfeed_acquired a;
+        shmfeed_counters counters;
+        uint8_t *base;
+        char path[128], err[ERRLEN] = "";
+        CHECK_RC(shmfeed_ring_create(4, 4096, SHMFEED_NAMED | SHMFEED_ORDERED, &ring, err, sizeof err), SHMFEED_OK);
+        CHECK_RC(shmfeed_ring_path(ring, path, sizeof path), SHMFEED_OK);
+        CHECK_RC(shmfeed_ring_geometry(ring, &g), SHMFEED_OK);
+        CHECK_RC(shmfeed_ring_base(ring, &base), SHMFEED_OK);
+        CHECK_RC(shmfeed_claim(ring, 0, 1, 0, &c), SHMFEED_OK);
+        memset(base + g.data_offset, 7, 4096);
+        CHECK_RC(shmfeed_commit(ring, &c, 4096), SHMFEED_OK);
+        CHECK_RC(shmfeed_ring_check_backing(ring, err, sizeof err), SHMFEED_OK);
+        pid_t pid = fork(); /* "another process" */
+        CHECK(pid >= 0);
+        if (pid == 0)
+            _exit(truncate(path, (off_t)cuts[k]) == 0 ? 0 : 1);
+        int status;
+        CHECK(waitpid(pid, &status, 0) == pid && WIFEXITED(status) && WEXITSTATUS(status) == 0);
+        CHECK_RC(shmfeed_acquire(ring, 0, &a), SHMFEED_E_CORRUPT); /* fstat before handing it out */
+        CHECK_RC(shmfeed_claim(ring, 1, 1, 0, &c), SHMFEED_E_CORRUPT);
+        CHECK_RC(shmfeed_ring_check_backing(ring, err, sizeof err), SHMFEED_E_CORRUPT);
+        CHECK_MSG(err, "truncated");
+        CHECK_MSG(err, path);
+        /* A read past the new end, as a consumer's view would make: zeros, not SIGBUS. */
+        CHECK_EQ(base[g.data_offset + 100], 0);
+        CHECK_EQ(base[g.segment_bytes - 1], 0);
+        CHECK_RC(shmfeed_counters_read(ring, &counters), SHMFEED_E_CORRUPT); /* the guard marked it lost */
+        CHECK_RC(shmfeed_ring_detach(ring), SHMFEED_OK);
+    }
+    return 0;
+}
+
 int main(void)
 {
     int failures = 0;
@@ -589,6 +714,11 @@ int main(void)
     RUN(failures, test_attach_inconsistent_geometry);
     RUN(failures, test_attach_huge_consistent_geometry);
     RUN(failures, test_named_segment);
+    RUN(failures, test_memory_available_with_no_out_leaks_nothing);
+    RUN(failures, test_limits_are_the_layouts);
+    RUN(failures, test_retire_keeps_the_range_as_zeros_and_gives_the_segment_up);
+    RUN(failures, test_forked_child_never_unlinks_its_parents_segment);
+    RUN(failures, test_truncated_named_segment_is_corrupt_never_sigbus);
     if (failures)
         fprintf(stderr, "test_segment: %d failed\n", failures);
     return failures ? T_EXIT_FAIL : T_EXIT_PASS;
