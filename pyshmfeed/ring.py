@@ -267,6 +267,19 @@ class Ring:
                                     "attach ring.handle there)", code=CLOSE_NORMAL)
         return ptr
 
+    def c_handle(self):
+        """The C ring handle, for modules of this package that call more of the C core on it (work.py).
+
+        Raises ``RingClosed`` once detached. Waits on it go through ``wait_in_c``.
+        """
+        return self._live()
+
+    def wait_in_c(self, call: Callable[[int], int], what: str, timeout: float | None = None,
+                  stop: Callable[[], bool] | None = None) -> None:
+        """Run ``call(timeout_ns)`` (a C wait on this ring) in slices, as ``claim``/``acquire`` wait:
+        Ctrl-C and ``stop()`` are seen between slices, detach waits for it, closing raises ``RingClosed``."""
+        self._wait(call, what, timeout, stop)
+
     # ---- slot memory --------------------------------------------------------
 
     def slot_buffer(self, slot: int, nbytes: int | None = None) -> memoryview:

@@ -41,7 +41,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from . import errors, raylife
+from . import errors, raylife, registry
 from ._ffi import lib
 from .procs import wait_dead
 from .producer import Producer
@@ -485,6 +485,8 @@ class Supervisor(threading.Thread):
         wait_dead(p.pid)  # Ray may call it dead before its process is gone
         if p.owner is not None:
             self.ring.reclaim(p.owner)
+        if p.pid is not None:
+            registry.forget_process(p.pid, self.ring)  # inspect/cleanup stop listing the dead producer
         culprit = None
         with self._lock:
             lost = self._lost_by(p.worker)

@@ -92,58 +92,58 @@ class WorkArea:
             JOB_CARRY if carry_gen is not None else 0)
         j = ffi.new("shmfeed_job *", {"epoch": epoch, "base_seq": base_seq, "count": count, "start": start,
                                       "flags": flags, "stride": round_robin, "carry_gen": carry_gen or 0})
-        check(lib.shmfeed_job_post(self.ring._live(), j), f"posting the work of epoch {epoch}")
+        check(lib.shmfeed_job_post(self.ring.c_handle(), j), f"posting the work of epoch {epoch}")
         return _job(j)
 
     def freeze(self) -> Job:
         """Hand out nothing fresh of the current job (re-issued tasks still go); ``taken``: how many went."""
         j = ffi.new("shmfeed_job *")
-        check(lib.shmfeed_job_freeze(self.ring._live(), j), "freezing the current job")
+        check(lib.shmfeed_job_freeze(self.ring.c_handle(), j), "freezing the current job")
         return _job(j)
 
     def current(self) -> Job:
         j = ffi.new("shmfeed_job *")
-        check(lib.shmfeed_job_read(self.ring._live(), j), "reading the current job")
+        check(lib.shmfeed_job_read(self.ring.c_handle(), j), "reading the current job")
         return _job(j)
 
     def reissue(self, seq: int) -> None:
         """Put a lost task back: the next free producer makes it before anything fresh."""
-        check(lib.shmfeed_reissue(self.ring._live(), seq), f"re-issuing batch {seq}")
+        check(lib.shmfeed_reissue(self.ring.c_handle(), seq), f"re-issuing batch {seq}")
 
     def queued(self) -> list[int]:
         seqs = ffi.new("uint64_t[]", 256)
         n = ffi.new("uint32_t *")
-        check(lib.shmfeed_reissue_read(self.ring._live(), seqs, 256, n), "reading the re-issue queue")
+        check(lib.shmfeed_reissue_read(self.ring.c_handle(), seqs, 256, n), "reading the re-issue queue")
         return [int(seqs[i]) for i in range(n[0])]
 
     def record(self, rec: int) -> Record:
         r = self._record
-        check(lib.shmfeed_record_read(self.ring._live(), rec, r), f"reading producer record {rec}")
+        check(lib.shmfeed_record_read(self.ring.c_handle(), rec, r), f"reading producer record {rec}")
         return Record(int(r.owner), int(r.task) - 1 if r.task else None, bool(r.intent), int(r.since_ns),
                       int(r.busy_ns), int(r.batches), int(r.pid), int(r.next_gen), int(r.next_k), bool(r.stop))
 
     def reset(self, rec: int) -> None:
         """Free record ``rec`` for a new producer (its previous one is dead and accounted for)."""
-        check(lib.shmfeed_record_reset(self.ring._live(), rec), f"resetting producer record {rec}")
+        check(lib.shmfeed_record_reset(self.ring.c_handle(), rec), f"resetting producer record {rec}")
 
     def stop(self, rec: int) -> None:
         """Ask the producer at ``rec`` to stop once its current task is made (its takes end)."""
-        check(lib.shmfeed_record_stop(self.ring._live(), rec), f"stopping producer record {rec}")
+        check(lib.shmfeed_record_stop(self.ring.c_handle(), rec), f"stopping producer record {rec}")
 
     # ---- a producer's side -------------------------------------------------
 
     def open(self, rec: int, owner: int, pid: int) -> None:
-        check(lib.shmfeed_record_open(self.ring._live(), rec, owner, pid), f"opening producer record {rec}")
+        check(lib.shmfeed_record_open(self.ring.c_handle(), rec, owner, pid), f"opening producer record {rec}")
 
     def take(self, rec: int, *, timeout: float | None = None, stop: Callable[[], bool] | None = None) -> Task:
         """The next task for the producer at record ``rec`` (waits; ``RingClosed`` when the ring closes)."""
-        ptr = self.ring._live()
+        ptr = self.ring.c_handle()
         t = self._task
-        self.ring._wait(lambda ns: lib.shmfeed_take(ptr, rec, ns, t), "waiting for work", timeout, stop)
+        self.ring.wait_in_c(lambda ns: lib.shmfeed_take(ptr, rec, ns, t), "waiting for work", timeout, stop)
         return Task(int(t.seq), int(t.k), int(t.epoch), int(t.start), int(t.flags), bool(t.reissued))
 
     def done(self, rec: int, busy_s: float) -> None:
-        check(lib.shmfeed_task_done(self.ring._live(), rec, int(busy_s * 1e9)), f"finishing a task (record {rec})")
+        check(lib.shmfeed_task_done(self.ring.c_handle(), rec, int(busy_s * 1e9)), f"finishing a task (record {rec})")
 
 
 # ---- which batch index a task makes -------------------------------------------
