@@ -65,7 +65,7 @@ static void wake_takers(shmfeed_ring *r)
 
 /* Publish a job as the next generation; *taken_out: fresh tasks the previous
  * generation handed out. Single writer (the feed). */
-static int publish(shmfeed_ring *r, const shmfeed_job *job, uint64_t *gen_out, uint64_t *taken_out)
+SHMFEED_MUST_USE static int publish(shmfeed_ring *r, const shmfeed_job *job, uint64_t *gen_out, uint64_t *taken_out)
 {
     shm_work *wk = ring_work(r);
     uint64_t old = load_acquire64(&wk->next);
@@ -91,7 +91,7 @@ static int publish(shmfeed_ring *r, const shmfeed_job *job, uint64_t *gen_out, u
     return SHMFEED_OK;
 }
 
-int shmfeed_job_post(shmfeed_ring *r, shmfeed_job *job)
+SHMFEED_MUST_USE int shmfeed_job_post(shmfeed_ring *r, shmfeed_job *job)
 {
     if (!r || !job || job->base_seq > WORD_SEQ_MASK || job->count > WORD_SEQ_MASK - job->base_seq)
         return SHMFEED_E_INVAL;
@@ -100,7 +100,7 @@ int shmfeed_job_post(shmfeed_ring *r, shmfeed_job *job)
     return publish(r, job, &job->gen, &job->taken);
 }
 
-int shmfeed_job_freeze(shmfeed_ring *r, shmfeed_job *out)
+SHMFEED_MUST_USE int shmfeed_job_freeze(shmfeed_ring *r, shmfeed_job *out)
 {
     if (!r || !out)
         return SHMFEED_E_INVAL;
@@ -114,7 +114,7 @@ int shmfeed_job_freeze(shmfeed_ring *r, shmfeed_job *out)
     return publish(r, &frozen, &out->gen, &out->taken);
 }
 
-int shmfeed_job_read(const shmfeed_ring *r, shmfeed_job *out)
+SHMFEED_MUST_USE int shmfeed_job_read(const shmfeed_ring *r, shmfeed_job *out)
 {
     if (!r || !out)
         return SHMFEED_E_INVAL;
@@ -125,7 +125,7 @@ int shmfeed_job_read(const shmfeed_ring *r, shmfeed_job *out)
     return SHMFEED_OK;
 }
 
-int shmfeed_reissue(shmfeed_ring *r, uint64_t seq)
+SHMFEED_MUST_USE int shmfeed_reissue(shmfeed_ring *r, uint64_t seq)
 {
     if (!r || seq >= WORD_SEQ_MASK)
         return SHMFEED_E_INVAL;
@@ -142,7 +142,7 @@ int shmfeed_reissue(shmfeed_ring *r, uint64_t seq)
     return SHMFEED_E_TOOBIG;
 }
 
-int shmfeed_reissue_read(const shmfeed_ring *r, uint64_t *seqs, uint32_t cap, uint32_t *n_out)
+SHMFEED_MUST_USE int shmfeed_reissue_read(const shmfeed_ring *r, uint64_t *seqs, uint32_t cap, uint32_t *n_out)
 {
     uint32_t n = 0;
     if (!r || !n_out || (cap && !seqs))
@@ -160,9 +160,9 @@ int shmfeed_reissue_read(const shmfeed_ring *r, uint64_t *seqs, uint32_t cap, ui
     return n > cap ? SHMFEED_E_TOOBIG : SHMFEED_OK;
 }
 
-int shmfeed_max_producers(void) { return SHMFEED_MAX_PRODUCERS; }
+SHMFEED_MUST_USE int shmfeed_max_producers(void) { return SHMFEED_MAX_PRODUCERS; }
 
-int shmfeed_record_reset(shmfeed_ring *r, uint32_t rec)
+SHMFEED_MUST_USE int shmfeed_record_reset(shmfeed_ring *r, uint32_t rec)
 {
     if (!r || rec >= SHMFEED_MAX_PRODUCERS)
         return SHMFEED_E_INVAL;
@@ -176,7 +176,7 @@ int shmfeed_record_reset(shmfeed_ring *r, uint32_t rec)
     return SHMFEED_OK;
 }
 
-int shmfeed_record_stop(shmfeed_ring *r, uint32_t rec)
+SHMFEED_MUST_USE int shmfeed_record_stop(shmfeed_ring *r, uint32_t rec)
 {
     if (!r || rec >= SHMFEED_MAX_PRODUCERS)
         return SHMFEED_E_INVAL;
@@ -185,7 +185,7 @@ int shmfeed_record_stop(shmfeed_ring *r, uint32_t rec)
     return SHMFEED_OK;
 }
 
-int shmfeed_record_read(const shmfeed_ring *r, uint32_t rec, shmfeed_record *out)
+SHMFEED_MUST_USE int shmfeed_record_read(const shmfeed_ring *r, uint32_t rec, shmfeed_record *out)
 {
     if (!r || !out || rec >= SHMFEED_MAX_PRODUCERS)
         return SHMFEED_E_INVAL;
@@ -206,7 +206,7 @@ int shmfeed_record_read(const shmfeed_ring *r, uint32_t rec, shmfeed_record *out
     return SHMFEED_OK;
 }
 
-int shmfeed_record_open(shmfeed_ring *r, uint32_t rec, uint64_t owner, uint32_t pid)
+SHMFEED_MUST_USE int shmfeed_record_open(shmfeed_ring *r, uint32_t rec, uint64_t owner, uint32_t pid)
 {
     if (!r || rec >= SHMFEED_MAX_PRODUCERS || owner == 0)
         return SHMFEED_E_INVAL;
@@ -230,7 +230,7 @@ static void hold(shm_record *p, uint64_t seq)
 }
 
 /* Try the re-issue queue: the smallest seq first (the oldest batch). */
-static int pop_reissued(shmfeed_ring *r, shm_record *p, uint64_t *seq_out)
+SHMFEED_MUST_USE static int pop_reissued(shmfeed_ring *r, shm_record *p, uint64_t *seq_out)
 {
     shm_work *wk = ring_work(r);
     if (load_acquire32(&wk->reissued) == 0)
@@ -274,7 +274,7 @@ static void fill_task(shmfeed_task *out, const shmfeed_job *job, uint64_t seq, u
     out->reserved = 0;
 }
 
-int shmfeed_take(shmfeed_ring *r, uint32_t rec, int64_t timeout_ns, shmfeed_task *out)
+SHMFEED_MUST_USE int shmfeed_take(shmfeed_ring *r, uint32_t rec, int64_t timeout_ns, shmfeed_task *out)
 {
     wait_clock c;
     int rc;
@@ -361,7 +361,7 @@ int shmfeed_take(shmfeed_ring *r, uint32_t rec, int64_t timeout_ns, shmfeed_task
     }
 }
 
-int shmfeed_task_done(shmfeed_ring *r, uint32_t rec, uint64_t busy_ns)
+SHMFEED_MUST_USE int shmfeed_task_done(shmfeed_ring *r, uint32_t rec, uint64_t busy_ns)
 {
     if (!r || rec >= SHMFEED_MAX_PRODUCERS)
         return SHMFEED_E_INVAL;

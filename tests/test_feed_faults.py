@@ -126,6 +126,7 @@ def test_a_producer_killed_while_the_loop_is_between_epochs(ray_session):
     # Nobody is waiting on the dead producer: the supervisor notices the death and replaces it anyway.
     with new_feed("fill", ordered=True) as feed:
         check_epoch(feed, "fill", True, 0, take(feed.epoch(0)))
+        wait_started(feed)  # producers start concurrently: the first may have made the whole epoch
         os.kill(feed._dispatcher.slots[0].pids[-1], signal.SIGKILL)
         check_epoch(feed, "fill", True, 1, take(feed.epoch(1)))
         wait_until(lambda: feed.stats()["restarts"] == 1, 30, "the death handled")
