@@ -57,10 +57,11 @@ def test_every_installed_pipeline_runs_and_reports_every_figure(ray_session, tmp
         assert row["wait_p50_s"] <= row["wait_p99_s"] <= row["wait_max_s"]
         assert row["label"] in printed
     fill = next(r for r in result["rows"] if r["key"] == "pyshmfeed-fill")
-    assert fill["wait_vs_pyshmfeed"] == pytest.approx(1.0)
+    make = next(r for r in result["rows"] if r["key"] == "pyshmfeed-make")
+    assert make["wait_vs_pyshmfeed"] == pytest.approx(1.0)  # peers are judged on the same producer work
     assert fill["extra"]["feed_stats"]["batches"] == 10
     assert fill["extra"]["next_epoch_time_to_first_batch_s"] > 0
-    assert result["reference"] == "pyshmfeed-fill"
+    assert result["reference"] == "pyshmfeed-make"
     assert {t["target"] for t in result["targets"]} >= {"in-place fill ahead of the copying make source"}
 
     data = plot.read_bytes()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .pipelines import KEYS, PIPELINES, select
@@ -109,6 +110,9 @@ def workload_from(args: argparse.Namespace) -> Workload:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Third-party start-up chatter (TensorFlow's oneDNN/absl lines, here and in producer processes,
+    # which inherit the environment) would land in the middle of the progress bar and the tables.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from . import report
     from .progress import Progress
     from .runner import run_bench

@@ -204,9 +204,12 @@ def _ok(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def reference_key(result: dict[str, Any]) -> str | None:
-    """The pyshmfeed row others are compared with: the in-place source if it ran."""
+    """The pyshmfeed row peers are judged against: the copying ``make`` source, which runs the same
+    producer code as every peer (float64 random numbers, then ``astype``) and copies once into the
+    slot. The in-place ``fill`` row also draws float32 directly, so part of its lead is cheaper
+    random numbers, not the ring; it is the reference only when ``make`` did not run."""
     ok = _ok(result)
-    for key in ("pyshmfeed-fill", "pyshmfeed-make"):
+    for key in ("pyshmfeed-make", "pyshmfeed-fill"):
         if key in ok:
             return key
     return None
