@@ -110,8 +110,9 @@ def workload_from(args: argparse.Namespace) -> Workload:
 
 
 def run(args: argparse.Namespace) -> int:
-    # Third-party start-up chatter (TensorFlow's oneDNN/absl lines, here and in producer processes,
-    # which inherit the environment) would land in the middle of the progress bar and the tables.
+    # TensorFlow's C++ log lines (here and in producer processes, which inherit the environment) would
+    # land in the middle of the progress bar and the tables. Not silenced by this: the two lines TF 2.21
+    # writes before absl's logging is initialised (oneDNN's notice), which go to stderr at import.
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from . import report
     from .progress import Progress
