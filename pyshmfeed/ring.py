@@ -39,7 +39,7 @@ import time
 import weakref
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -291,7 +291,9 @@ class Ring:
         if not 0 <= n <= self.slot_bytes:  # past the slot may be past the mapping: a segfault
             raise errors.InvalidArgument(f"nbytes={n} is out of range 0..{self.slot_bytes} (the slot size)")
         start = self._data_offset + slot * self.slot_stride
-        return self._memory[start: start + n]
+        memory = self._memory
+        assert memory is not None  # dropped with the mapping, after _live() stops answering
+        return memory[start: start + n]
 
     def slot_address(self, slot: int) -> int:
         """The virtual address of slot ``slot`` in this process (for page-locking, DMA)."""
@@ -465,13 +467,14 @@ class Ring:
             self._check_wait(rc, "reading counters")
         return int(c.commits - c.acquires)
 
-    def slot_info(self, slot: int) -> dict[str, object]:
+    def slot_info(self, slot: int) -> dict[str, Any]:
         """State, sequence, owner, payload length and timestamps of one slot (for inspect)."""
         info = ffi.new("shmfeed_slot_info *")
         rc = lib.shmfeed_slot_info_read(self._live(), slot, info)
         if rc != _OK:
             self._check_wait(rc, f"reading slot {slot}")
-        out = {name: int(getattr(info, name)) for name, _ in ffi.typeof("shmfeed_slot_info").fields}
+        fields = ffi.typeof("shmfeed_slot_info").fields
+        out: dict[str, Any] = {name: int(getattr(info, name)) for name, _ in fields}
         out["state"] = _SLOT_STATES[info.state]
         return out
 

@@ -227,7 +227,7 @@ class SlotLayout:
                                   f"{slot_bytes}")
         self.spec = spec
         self.raw = np.frombuffer(buffer, dtype=np.uint8, count=slot_bytes)
-        self.mem = memoryview(self.raw)
+        self.mem = self.raw.data  # memoryview(self.raw); typed as one for numpy stubs before Python 3.12
         n = len(spec.arrays)
         self._shapes_struct = struct.Struct(f"<{n * MAX_DIMS}q")
         self._max_shapes = [a.shape for a in spec.arrays]
@@ -243,7 +243,7 @@ class SlotLayout:
         self.shapes = self.raw[spec._shapes_offset: spec._shapes_offset + n * MAX_DIMS * 8].view("<i8") \
             .reshape(n, MAX_DIMS)
         if debug.debug_views_enabled(debug_views):
-            self.read = self._read_guarded  # chosen once: the plain read pays nothing for debug mode
+            self.read = self._read_guarded  # type: ignore[method-assign]  # chosen once: the plain read pays nothing for debug mode
 
     # ---- producer -----------------------------------------------------------
 
@@ -270,7 +270,7 @@ class SlotLayout:
             self._shapes_struct.pack_into(self.mem, spec._shapes_offset, *self._max_row)
             end = self._full_end
         else:
-            row = []
+            row: list[int] = []
             for shape in shapes:
                 row.extend(shape)
                 row.extend((0,) * (MAX_DIMS - len(shape)))
