@@ -324,7 +324,8 @@ class Feed:
                     self._dispatcher.cancel_pending()
                 self._drain_needed = True
 
-    def _indexed_slots(self, epoch: int, stop=None) -> Iterator[tuple[ConsumerSlot, Batch]]:
+    def _indexed_slots(self, epoch: int, stop: Callable[[], bool] | None = None
+                       ) -> Iterator[tuple[ConsumerSlot, Batch]]:
         order = self.epoch_order(epoch)
         start, resume = 0, False
         done: frozenset[int] = frozenset()
@@ -357,7 +358,8 @@ class Feed:
             self._delivered_seqs.add(slot.seq)
             yield slot, batch
 
-    def _shard_slots(self, epoch: int, stop=None) -> Iterator[tuple[ConsumerSlot, Batch]]:
+    def _shard_slots(self, epoch: int, stop: Callable[[], bool] | None = None
+                     ) -> Iterator[tuple[ConsumerSlot, Batch]]:
         skip = {}
         if self._resume and self._resume["epoch"] == epoch:
             skip = {int(k): v for k, v in self._resume.get("shard_delivered", {}).items()}
@@ -587,7 +589,7 @@ class Feed:
     def __enter__(self) -> "Feed":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __del__(self) -> None:

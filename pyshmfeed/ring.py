@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from . import errors, registry, views
 from ._ffi import ERR_BYTES, check, ffi, lib
@@ -251,7 +252,7 @@ class Ring:
     def __enter__(self) -> "Ring":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.detach()
 
     def __del__(self) -> None:  # last resort; detach() is the documented way
@@ -494,6 +495,9 @@ class Ring:
         return f"<Ring {self.slots}x{self.slot_bytes}B {mode} {self._path}>"
 
 
+_Shape = int | tuple[int, ...] | list[int]  # what the slots' array() takes as a shape
+
+
 class ProducerSlot:
     """A claimed slot: write into ``memory`` (or ``array(...)`` views), then commit or abort."""
 
@@ -513,7 +517,7 @@ class ProducerSlot:
         self._check_open()
         return memoryview(self._ring.slot_buffer(self.slot))
 
-    def array(self, dtype, shape, offset: int = 0) -> np.ndarray:
+    def array(self, dtype: DTypeLike, shape: _Shape, offset: int = 0) -> np.ndarray:
         """A writable numpy view of part of the slot (bounds checked)."""
         self._check_open()
         return _view(self._ring, self.slot, dtype, shape, offset, self._ring.slot_bytes, writable=True)
@@ -564,7 +568,7 @@ class ProducerSlot:
     def __enter__(self) -> "ProducerSlot":
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if self._done:
             return
         if exc_type is not None:
@@ -596,7 +600,8 @@ class ConsumerSlot:
         self._check_open()
         return memoryview(self._ring.slot_buffer(self.slot, self.nbytes)).toreadonly()
 
-    def array(self, dtype, shape, offset: int = 0, *, writable: bool = False) -> np.ndarray:
+    def array(self, dtype: DTypeLike, shape: _Shape, offset: int = 0, *,
+              writable: bool = False) -> np.ndarray:
         """A numpy view over the payload (bounds checked against ``nbytes``)."""
         self._check_open()
         return _view(self._ring, self.slot, dtype, shape, offset, self.nbytes, writable=writable)
@@ -622,7 +627,7 @@ class ConsumerSlot:
     def __enter__(self) -> "ConsumerSlot":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         if not self._released:
             self.release()
 
@@ -632,7 +637,8 @@ class _PoisoningConsumerSlot(ConsumerSlot):
 
     __slots__ = ()
 
-    def array(self, dtype, shape, offset: int = 0, *, writable: bool = False) -> np.ndarray:
+    def array(self, dtype: DTypeLike, shape: _Shape, offset: int = 0, *,
+              writable: bool = False) -> np.ndarray:
         return views.guarded(super().array(dtype, shape, offset, writable=writable), self._check_fresh)
 
     def _check_fresh(self) -> None:
@@ -647,7 +653,8 @@ class _PoisoningConsumerSlot(ConsumerSlot):
         super().release()
 
 
-def _view(ring: Ring, slot: int, dtype, shape, offset: int, limit: int, *, writable: bool) -> np.ndarray:
+def _view(ring: Ring, slot: int, dtype: DTypeLike, shape: _Shape, offset: int, limit: int, *,
+          writable: bool) -> np.ndarray:
     dtype = np.dtype(dtype)
     shape = tuple(map(int, shape)) if isinstance(shape, (tuple, list)) else (int(shape),)
     count = 1

@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import operator
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -372,13 +372,13 @@ class Batch(Mapping):
     def __len__(self) -> int:
         return len(self._arrays)
 
-    def keys(self):  # type: ignore[override]
+    def keys(self) -> list[str]:  # type: ignore[override]
         return list(self._names)
 
-    def values(self):  # type: ignore[override]
+    def values(self) -> list[Any]:  # type: ignore[override]
         return list(self._arrays)
 
-    def items(self):  # type: ignore[override]
+    def items(self) -> list[tuple[str, Any]]:  # type: ignore[override]
         return list(zip(self._names, self._arrays))
 
     def as_tuple(self) -> tuple[Any, ...]:
@@ -387,7 +387,7 @@ class Batch(Mapping):
     def as_dict(self) -> dict[str, Any]:
         return dict(zip(self._names, self._arrays))
 
-    def map(self, fn) -> "Batch":
+    def map(self, fn: Callable[[Any], Any]) -> "Batch":
         """A new Batch with ``fn`` applied to each array (used by the device adapters)."""
         return Batch(self._names, [fn(a) for a in self._arrays], positional=self.positional, index=self.index,
                      epoch=self.epoch, worker=self.worker, meta=self.meta, seq=self.seq)
