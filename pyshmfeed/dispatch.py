@@ -29,11 +29,11 @@ class ProducerSlot:
 
     def __init__(self, worker: int) -> None:
         self.worker = worker
-        self.actor = None
-        self.identity: dict[str, int] | None = None
-        self.ready_ref = None
+        self.actor: Any = None  # a Ray actor handle
+        self.identity: dict[str, Any] | None = None
+        self.ready_ref: Any = None  # a Ray ObjectRef
         self.inflight: dict[Any, tuple[list, float]] = {}  # ref -> (tasks, start time)
-        self.shard_ref = None
+        self.shard_ref: Any = None
         self.shard_epoch: int | None = None
         self.shard_count: int | None = None
         self.pids: list[int] = []
@@ -134,7 +134,7 @@ class Dispatcher(threading.Thread):
         """Batches in this shard epoch, once every shard has finished; None before."""
         with self._lock:
             counts = [p.shard_count for p in self.slots]
-        return None if any(c is None for c in counts) else sum(counts)
+        return None if any(c is None for c in counts) else sum(c for c in counts if c is not None)
 
     def cancel_pending(self) -> None:
         """Drop work not yet handed out (the loop abandoned the epoch)."""
@@ -311,7 +311,7 @@ class Dispatcher(threading.Thread):
         self._busy_s += result.get("busy_s", 0.0)
         if "error" in result:
             e = result["error"]
-            exc = errors.ProducerError(
+            error = errors.ProducerError(
                 f"the {self.kind} source raised {e['type']}: {e['message']} (batch index {e['index']}, "
                 f"producer {e['worker']})", index=e["index"], worker=e["worker"], traceback_text=e["traceback"])
             if self.ordered and "seq" in e:
@@ -319,9 +319,9 @@ class Dispatcher(threading.Thread):
                 # until the loop reaches this batch (raise_if_failed), so they are delivered first.
                 with self._lock:
                     if self._deferred_error is None or e["seq"] < self._deferred_error[1]:
-                        self._deferred_error = (exc, e["seq"])
+                        self._deferred_error = (error, e["seq"])
             else:
-                self._fail(exc)
+                self._fail(error)
 
     def _check_leases(self) -> None:
         if self.lease is None:
@@ -358,6 +358,7 @@ class Dispatcher(threading.Thread):
             self.reissued += len(redo)
             if had_shard:
                 # The replacement re-runs the shard and skips what was committed.
+                assert committed is not None  # shards feeds are unordered
                 skip = self._shard_committed(p.worker, committed)
                 self._shard_skip[p.worker] = skip
                 p.shard_count = None
@@ -372,7 +373,7 @@ class Dispatcher(threading.Thread):
 
     def _committed_seqs(self) -> set[int]:
         """Unordered rings: sequences committed = delivered ∪ ready/acquired in the ring now."""
-        in_ring = set()
+        in_ring: set[int] = set()
         for i in range(self.ring.slots):
             info = self.ring.slot_info(i)
             if info["state"] in ("ready", "acquired"):

@@ -42,13 +42,14 @@ import math
 import os
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import Any, Callable
 
 import numpy as np
 
 from . import errors, raylife
 from .ring import CLOSE_NORMAL, ConsumerSlot, Ring
+from .source import FillSource, MakeSource, ShardsSource
 from .spec import Batch, BatchSpec, SlotLayout
 from .stats import FeedStats
 from ._ffi import check, ffi, lib
@@ -95,15 +96,15 @@ class Feed:
     manager, or call ``close()``.
     """
 
-    def __init__(self, spec: BatchSpec, *, fill: Callable | None = None, make: Callable | None = None,
-                 shards: Callable | None = None, length: int | None = None,
+    def __init__(self, spec: BatchSpec, *, fill: FillSource | None = None, make: MakeSource | None = None,
+                 shards: ShardsSource | None = None, length: int | None = None,
                  workers: int | str | tuple[int, int] = 4, min_workers: int | None = None,
                  max_workers: int | None = None, memory_budget: int | str | None = None,
                  slots: int | None = None, ordered: bool = True, shuffle: bool = False, seed: int = 0,
                  prefetch: int = 2, num_cpus: float = 0.25, address: str | None = None,
                  lease: float | None = 600.0, max_restarts: int | None = None, chunk: int | None = None,
                  state: dict | None = None, backing: str = "memfd", device: str = "cpu",
-                 rank: int = 0, world_size: int = 1, placement: str | list[str] = "node",
+                 rank: int = 0, world_size: int = 1, placement: str | list[str] | tuple[str, ...] = "node",
                  assignment: str = "any", _actor_options: dict | None = None) -> None:
         self._created = time.perf_counter()
         self._closed = False
@@ -216,9 +217,9 @@ class Feed:
         self._next_seq = 0
         self._drain_needed = False
         # ---- start: ring first (memory), then Ray, then producers ---------------
-        self._ring = Ring.create(slots, spec.slot_bytes, ordered=ordered, backing=backing)
+        self._ring = ring = Ring.create(slots, spec.slot_bytes, ordered=ordered, backing=backing)
         try:
-            self._layouts = [SlotLayout(spec, self._ring.slot_buffer(i), self._ring.slot_bytes)
+            self._layouts = [SlotLayout(spec, ring.slot_buffer(i), ring.slot_bytes)
                              for i in range(slots)]
             self._ray_lease = raylife.acquire(address, positions, num_cpus, closer=self.close)
             restarts = positions * 3 if max_restarts is None else max_restarts
@@ -226,6 +227,7 @@ class Feed:
                 from .supervisor import Supervisor
 
                 skip = frozenset(int(i) for i in (self._resume or {}).get("delivered", ()))
+                assert length is not None  # checked above for indexed sources
                 task_index = TaskIndex(length, seed=self.seed, shuffle=shuffle, ordered=ordered, rank=rank,
                                        world_size=world_size, resume_skip=skip)
                 controller = None
@@ -234,7 +236,7 @@ class Feed:
 
                     controller = Controller(*self._autotune)
                 self._dispatcher = Supervisor(
-                    ring=self._ring, spec=spec, kind=self.kind, fn=self._fn, workers=positions, seed=self.seed,
+                    ring=ring, spec=spec, kind=self.kind, fn=self._fn, workers=positions, seed=self.seed,
                     task_index=task_index, ordered=ordered, num_cpus=num_cpus, lease=lease,
                     max_restarts=restarts, actor_options=_actor_options or {},
                     delivered=_weak_call(self._delivered_now, set), active=workers, controller=controller,
@@ -243,7 +245,7 @@ class Feed:
                 from .dispatch import Dispatcher
 
                 self._dispatcher = Dispatcher(
-                    ring=self._ring, spec=spec, kind=self.kind, fn=self._fn, workers=workers, seed=self.seed,
+                    ring=ring, spec=spec, kind=self.kind, fn=self._fn, workers=workers, seed=self.seed,
                     ordered=ordered, chunk=self.chunk, placement=placement, num_cpus=num_cpus, lease=lease,
                     max_restarts=restarts, actor_options=_actor_options or {},
                     delivered=_weak_call(self._delivered_now, set))
@@ -262,7 +264,7 @@ class Feed:
 
     # ---- iteration ----------------------------------------------------------
 
-    def epoch(self, epoch: int = 0) -> Iterator[Batch]:
+    def epoch(self, epoch: int = 0) -> Generator[Batch, None, None]:
         """Iterate the batches of ``epoch`` (numpy views valid until the next batch is requested).
 
         With a CUDA ``device``: torch CUDA tensors, staged from the ring by a
@@ -280,7 +282,7 @@ class Feed:
                 finally:
                     slot.release()
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Generator[Batch, None, None]:
         """Epoch after epoch, forever (or from the resumed epoch on)."""
         e = self._resume["epoch"] if self._resume else 0
         while True:
@@ -288,7 +290,7 @@ class Feed:
             e += 1
 
     def slots_of(self, epoch: int, *, stop: Callable[[], bool] | None = None
-                 ) -> Iterator[tuple[ConsumerSlot, Batch]]:
+                 ) -> Generator[tuple[ConsumerSlot, Batch], None, None]:
         """Lower level than ``epoch``: yields ``(slot, batch)``; the caller releases each slot.
 
         For consumers that hold several batches at once (the staging thread):
@@ -322,9 +324,11 @@ class Feed:
                     self._dispatcher.cancel_pending()
                 self._drain_needed = True
 
-    def _indexed_slots(self, epoch: int, stop=None) -> Iterator[tuple[ConsumerSlot, Batch]]:
+    def _indexed_slots(self, epoch: int, stop: Callable[[], bool] | None = None
+                       ) -> Iterator[tuple[ConsumerSlot, Batch]]:
         order = self.epoch_order(epoch)
-        start, done, resume = 0, frozenset(), False
+        start, resume = 0, False
+        done: frozenset[int] = frozenset()
         if self._resume and self._resume["epoch"] == epoch:
             start = self._resume["position"] if self.ordered else 0
             done = frozenset(int(i) for i in self._resume.get("delivered", ()))
@@ -354,7 +358,8 @@ class Feed:
             self._delivered_seqs.add(slot.seq)
             yield slot, batch
 
-    def _shard_slots(self, epoch: int, stop=None) -> Iterator[tuple[ConsumerSlot, Batch]]:
+    def _shard_slots(self, epoch: int, stop: Callable[[], bool] | None = None
+                     ) -> Iterator[tuple[ConsumerSlot, Batch]]:
         skip = {}
         if self._resume and self._resume["epoch"] == epoch:
             skip = {int(k): v for k, v in self._resume.get("shard_delivered", {}).items()}
@@ -378,9 +383,11 @@ class Feed:
     def _next_batch(self, until_shards_done: bool = False, record: bool = True, stop=None):
         """Acquire the next ready slot, waiting in short slices so failures are noticed."""
         t0 = time.perf_counter()
+        ring = self._ring
+        assert ring is not None  # set in __init__ (None only if creating it failed)
         while True:
             try:
-                slot = self._ring.acquire(timeout=_ACQUIRE_POLL_S, stop=stop)
+                slot = ring.acquire(timeout=_ACQUIRE_POLL_S, stop=stop)
                 break
             except errors.Timeout:
                 self._dispatcher.raise_if_failed()
@@ -401,13 +408,15 @@ class Feed:
             raise
         if record:
             array_bytes = sum(v.nbytes for v in views)  # the data, not the slot header
-            self._stats.add_batch(time.perf_counter() - t0, array_bytes, self._ring.ready_slots())
+            self._stats.add_batch(time.perf_counter() - t0, array_bytes, ring.ready_slots())
         batch = Batch(self.spec.names, views, positional=self.spec.positional, index=ident["index"],
                       epoch=ident["epoch"], worker=ident["worker"], meta=meta, seq=slot.seq)
         return slot, batch
 
     def _drain(self) -> None:
         """After an abandoned epoch: consume the batches already handed out, so the next starts clean."""
+        ring = self._ring
+        assert ring is not None
         if self.kind == "shards":
             # A shard makes its whole epoch in one producer call that nothing can cut short: drop
             # what it still makes (else the ring fills and blocks it for good) until every shard
@@ -415,7 +424,7 @@ class Feed:
             while True:
                 unfinished = self._dispatcher.shards_unfinished()
                 try:
-                    self._ring.acquire(timeout=_ACQUIRE_POLL_S if unfinished else 0).release()
+                    ring.acquire(timeout=_ACQUIRE_POLL_S if unfinished else 0).release()
                 except (errors.Timeout, errors.WouldBlock):
                     if not unfinished:
                         break
@@ -426,11 +435,13 @@ class Feed:
         if self.ordered:
             # The abandoned epoch's undispatched sequences were never produced: an ordered ring
             # hands out batch `consumer_head` next, so the next epoch must start there.
-            self._next_seq = self._ring.counters()["consumer_head"]
+            self._next_seq = ring.counters()["consumer_head"]
         self._drain_needed = False
 
     def epoch_order(self, epoch: int) -> np.ndarray:
         """The indices this rank delivers in ``epoch``, in order (``work.epoch_order``: shuffle, ranks)."""
+        if self.length is None:
+            raise errors.InvalidArgument("epoch_order: a shards source has no batch indices (fill/make only)")
         return epoch_order(self.length, epoch, seed=self.seed, shuffle=self.shuffle, rank=self.rank,
                            world_size=self.world_size)
 
@@ -495,6 +506,7 @@ class Feed:
     def ring(self) -> Ring:
         """The underlying ring (for adapters and inspection)."""
         self._check_open()
+        assert self._ring is not None
         return self._ring
 
     def _check_open(self) -> None:
@@ -577,7 +589,7 @@ class Feed:
     def __enter__(self) -> "Feed":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __del__(self) -> None:

@@ -18,6 +18,7 @@ Failure handling (see NOTE [producer lifecycle] in feed.py):
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import time
@@ -63,7 +64,7 @@ class Producer:
         another node gets a stand-in that ships batches to the ring's node (pyshmfeed/remote.py)."""
         return Ring.attach(handle)
 
-    def identity(self) -> dict[str, int]:
+    def identity(self) -> dict[str, Any]:
         """Who this producer is: the feed reclaims by ``owner`` if it dies."""
         return {"pid": os.getpid(), "owner": self.ring.owner, "worker": self.worker}
 
@@ -120,14 +121,15 @@ class Producer:
         gone), or an error record for the batch whose source raised; the task
         stays in this producer's record, so the feed knows it was not made.
         """
-        work, rec = self.work, self.worker
+        work, rec, task_index = self.work, self.worker, self.task_index
+        assert task_index is not None  # serve() is for producers made with a task index
         while True:
             try:
                 task = work.take(rec, stop=self._consumer_gone)
             except errors.RingClosed:
                 self._leave_if_orphaned()
                 return {"closed": True}
-            index = self.task_index(task)
+            index = task_index(task)
             ctx = SourceContext(self.worker, self.num_workers, task.epoch, self.seed)
             try:
                 busy = self._make(task.seq, index, ctx)
@@ -176,7 +178,7 @@ class Producer:
             for batch in self.fn(self.worker, self.num_workers, ctx):
                 if position >= skip:
                     busy += self._produce(seq_base + position, position, ctx,
-                                          lambda layout, b=batch: copy_batch_into(layout, b))
+                                          functools.partial(copy_batch_into, batch=batch))
                 position += 1
         except errors.RingClosed:
             self._leave_if_orphaned()

@@ -62,7 +62,7 @@ import os
 import threading
 import time
 from collections.abc import Iterable
-from typing import Any, Callable
+from typing import Any, Callable, cast
 
 import numpy as np
 import ray
@@ -132,7 +132,7 @@ class RemoteRing:
         self._buffer = np.zeros(self.slot_bytes, dtype=np.uint8)
         self._acks: collections.deque = collections.deque()
         self.sent = 0
-        self.settled = collections.Counter()
+        self.settled: collections.Counter[str] = collections.Counter()
 
     def slot_buffer(self, slot: int, nbytes: int | None = None) -> np.ndarray:
         return self._buffer if nbytes is None else self._buffer[:nbytes]
@@ -210,7 +210,7 @@ class ClusterProducer(Producer):
         """Return only when every write of this call is settled (the feed then counts it done)."""
         if self.remote:
             try:
-                self.ring.drain()
+                cast(RemoteRing, self.ring).drain()  # remote: _attach gave the stand-in
             except errors.RingClosed:
                 result["closed"] = True
             except Exception as exc:  # the ingest refused a batch: report it like a source error
@@ -335,10 +335,10 @@ class ClusterPlacement:
         self._ingest_cls = ray.remote(concurrency_groups={_CONTROL: 2})(Ingest).options(
             num_cpus=0, max_restarts=0, max_task_retries=0, max_concurrency=concurrency,
             scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=self.node, soft=False))
-        self.ingest = None
+        self.ingest: Any = None  # the Ingest actor's handle
         self.ingest_identity: dict[str, Any] | None = None
         self.ingest_restarts = 0
-        self._past = collections.Counter()  # stats of ingest incarnations that died
+        self._past: collections.Counter[str] = collections.Counter()  # stats of ingest incarnations that died
         self._final: dict[str, Any] | None = None
         self._start_ingest()
 

@@ -39,9 +39,10 @@ import time
 import weakref
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 from . import errors, registry, views
 from ._ffi import ERR_BYTES, check, ffi, lib
@@ -251,7 +252,7 @@ class Ring:
     def __enter__(self) -> "Ring":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.detach()
 
     def __del__(self) -> None:  # last resort; detach() is the documented way
@@ -291,7 +292,9 @@ class Ring:
         if not 0 <= n <= self.slot_bytes:  # past the slot may be past the mapping: a segfault
             raise errors.InvalidArgument(f"nbytes={n} is out of range 0..{self.slot_bytes} (the slot size)")
         start = self._data_offset + slot * self.slot_stride
-        return self._memory[start: start + n]
+        memory = self._memory
+        assert memory is not None  # dropped with the mapping, after _live() stops answering
+        return memory[start: start + n]
 
     def slot_address(self, slot: int) -> int:
         """The virtual address of slot ``slot`` in this process (for page-locking, DMA)."""
@@ -465,13 +468,14 @@ class Ring:
             self._check_wait(rc, "reading counters")
         return int(c.commits - c.acquires)
 
-    def slot_info(self, slot: int) -> dict[str, object]:
+    def slot_info(self, slot: int) -> dict[str, Any]:
         """State, sequence, owner, payload length and timestamps of one slot (for inspect)."""
         info = ffi.new("shmfeed_slot_info *")
         rc = lib.shmfeed_slot_info_read(self._live(), slot, info)
         if rc != _OK:
             self._check_wait(rc, f"reading slot {slot}")
-        out = {name: int(getattr(info, name)) for name, _ in ffi.typeof("shmfeed_slot_info").fields}
+        fields = ffi.typeof("shmfeed_slot_info").fields
+        out: dict[str, Any] = {name: int(getattr(info, name)) for name, _ in fields}
         out["state"] = _SLOT_STATES[info.state]
         return out
 
@@ -489,6 +493,9 @@ class Ring:
     def __repr__(self) -> str:
         mode = "ordered" if self.ordered else "unordered"
         return f"<Ring {self.slots}x{self.slot_bytes}B {mode} {self._path}>"
+
+
+_Shape = int | tuple[int, ...] | list[int]  # what the slots' array() takes as a shape
 
 
 class ProducerSlot:
@@ -510,7 +517,7 @@ class ProducerSlot:
         self._check_open()
         return memoryview(self._ring.slot_buffer(self.slot))
 
-    def array(self, dtype, shape, offset: int = 0) -> np.ndarray:
+    def array(self, dtype: DTypeLike, shape: _Shape, offset: int = 0) -> np.ndarray:
         """A writable numpy view of part of the slot (bounds checked)."""
         self._check_open()
         return _view(self._ring, self.slot, dtype, shape, offset, self._ring.slot_bytes, writable=True)
@@ -561,7 +568,7 @@ class ProducerSlot:
     def __enter__(self) -> "ProducerSlot":
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
         if self._done:
             return
         if exc_type is not None:
@@ -593,7 +600,8 @@ class ConsumerSlot:
         self._check_open()
         return memoryview(self._ring.slot_buffer(self.slot, self.nbytes)).toreadonly()
 
-    def array(self, dtype, shape, offset: int = 0, *, writable: bool = False) -> np.ndarray:
+    def array(self, dtype: DTypeLike, shape: _Shape, offset: int = 0, *,
+              writable: bool = False) -> np.ndarray:
         """A numpy view over the payload (bounds checked against ``nbytes``)."""
         self._check_open()
         return _view(self._ring, self.slot, dtype, shape, offset, self.nbytes, writable=writable)
@@ -619,7 +627,7 @@ class ConsumerSlot:
     def __enter__(self) -> "ConsumerSlot":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         if not self._released:
             self.release()
 
@@ -629,7 +637,8 @@ class _PoisoningConsumerSlot(ConsumerSlot):
 
     __slots__ = ()
 
-    def array(self, dtype, shape, offset: int = 0, *, writable: bool = False) -> np.ndarray:
+    def array(self, dtype: DTypeLike, shape: _Shape, offset: int = 0, *,
+              writable: bool = False) -> np.ndarray:
         return views.guarded(super().array(dtype, shape, offset, writable=writable), self._check_fresh)
 
     def _check_fresh(self) -> None:
@@ -644,7 +653,8 @@ class _PoisoningConsumerSlot(ConsumerSlot):
         super().release()
 
 
-def _view(ring: Ring, slot: int, dtype, shape, offset: int, limit: int, *, writable: bool) -> np.ndarray:
+def _view(ring: Ring, slot: int, dtype: DTypeLike, shape: _Shape, offset: int, limit: int, *,
+          writable: bool) -> np.ndarray:
     dtype = np.dtype(dtype)
     shape = tuple(map(int, shape)) if isinstance(shape, (tuple, list)) else (int(shape),)
     count = 1

@@ -22,14 +22,39 @@ Three kinds, all run inside producer processes:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, Union
+
 
 import numpy as np
 
 from .errors import InvalidArgument, SpecMismatch
 from .spec import BatchSpec, SlotLayout
+
+# What a source hands back as one batch: a mapping by name or a tuple/list of arrays (see BatchSpec.items_of).
+BatchLike = Union[Mapping[str, Any], Sequence[Any]]
+# What a fill source returns: None (full shapes), or the actual shapes by name or by position.
+FillResult = Union[None, Mapping[str, Sequence[int]], Sequence[Sequence[int]]]
+
+
+class FillSource(Protocol):
+    """``fill(index, out, ctx)``: writes batch ``index`` in place into ``out``; None or the actual shapes."""
+
+    def __call__(self, index: int, out: "SlotArrays", ctx: "SourceContext", /) -> FillResult: ...
+
+
+class MakeSource(Protocol):
+    """``make(index, ctx)``: returns batch ``index`` (a mapping or tuple of arrays), copied into the slot."""
+
+    def __call__(self, index: int, ctx: "SourceContext", /) -> BatchLike: ...
+
+
+class ShardsSource(Protocol):
+    """``shards(worker, num_workers, ctx)``: an iterator of this worker's batches for ``ctx.epoch``."""
+
+    def __call__(self, worker: int, num_workers: int, ctx: "SourceContext", /) -> Iterator[BatchLike]: ...
+
 
 @dataclass(frozen=True)
 class SourceContext:
@@ -49,7 +74,7 @@ class SourceContext:
         return np.random.default_rng(np.random.SeedSequence([self.seed & (2**63 - 1), self.epoch, index]))
 
 
-class SlotArrays(Mapping):
+class SlotArrays(Mapping[str | int, np.ndarray]):
     """The ``out`` argument of a ``fill`` source: writable views of one slot.
 
     Index by name (or position for positional specs). ``resize(name, shape)``
@@ -69,7 +94,7 @@ class SlotArrays(Mapping):
             return self._layout.full[i]
         return self._layout.shaped(i, shape)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[str]:
         return iter(self._spec.names)
 
     def __len__(self) -> int:

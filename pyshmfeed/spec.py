@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 import operator
 import struct
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -227,7 +227,7 @@ class SlotLayout:
                                   f"{slot_bytes}")
         self.spec = spec
         self.raw = np.frombuffer(buffer, dtype=np.uint8, count=slot_bytes)
-        self.mem = memoryview(self.raw)
+        self.mem = self.raw.data  # memoryview(self.raw); typed as one for numpy stubs before Python 3.12
         n = len(spec.arrays)
         self._shapes_struct = struct.Struct(f"<{n * MAX_DIMS}q")
         self._max_shapes = [a.shape for a in spec.arrays]
@@ -243,7 +243,7 @@ class SlotLayout:
         self.shapes = self.raw[spec._shapes_offset: spec._shapes_offset + n * MAX_DIMS * 8].view("<i8") \
             .reshape(n, MAX_DIMS)
         if debug.debug_views_enabled(debug_views):
-            self.read = self._read_guarded  # chosen once: the plain read pays nothing for debug mode
+            self.read = self._read_guarded  # type: ignore[method-assign]  # chosen once: the plain read pays nothing for debug mode
 
     # ---- producer -----------------------------------------------------------
 
@@ -270,7 +270,7 @@ class SlotLayout:
             self._shapes_struct.pack_into(self.mem, spec._shapes_offset, *self._max_row)
             end = self._full_end
         else:
-            row = []
+            row: list[int] = []
             for shape in shapes:
                 row.extend(shape)
                 row.extend((0,) * (MAX_DIMS - len(shape)))
@@ -372,13 +372,13 @@ class Batch(Mapping):
     def __len__(self) -> int:
         return len(self._arrays)
 
-    def keys(self):  # type: ignore[override]
+    def keys(self) -> list[str]:  # type: ignore[override]
         return list(self._names)
 
-    def values(self):  # type: ignore[override]
+    def values(self) -> list[Any]:  # type: ignore[override]
         return list(self._arrays)
 
-    def items(self):  # type: ignore[override]
+    def items(self) -> list[tuple[str, Any]]:  # type: ignore[override]
         return list(zip(self._names, self._arrays))
 
     def as_tuple(self) -> tuple[Any, ...]:
@@ -387,7 +387,7 @@ class Batch(Mapping):
     def as_dict(self) -> dict[str, Any]:
         return dict(zip(self._names, self._arrays))
 
-    def map(self, fn) -> "Batch":
+    def map(self, fn: Callable[[Any], Any]) -> "Batch":
         """A new Batch with ``fn`` applied to each array (used by the device adapters)."""
         return Batch(self._names, [fn(a) for a in self._arrays], positional=self.positional, index=self.index,
                      epoch=self.epoch, worker=self.worker, meta=self.meta, seq=self.seq)

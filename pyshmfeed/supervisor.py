@@ -47,7 +47,7 @@ from .procs import wait_dead
 from .producer import Producer
 from .ring import CLOSE_FAILED, CLOSE_PRODUCER_ERROR, Ring, process_alive
 from .spec import BatchSpec
-from .work import TaskIndex, WorkArea
+from .work import Job, TaskIndex, WorkArea
 
 _TICK_S = 0.05          # how often the watch thread looks (nothing per batch)
 _SETTLE_S = 2.0         # a live producer's take in progress ends in nanoseconds; a paused one is leased out
@@ -75,7 +75,7 @@ class Position:
         self.busy_seen = (0, 0)      # (owner, busy_ns) at the controller's last look
 
     @property
-    def identity(self) -> dict[str, int] | None:
+    def identity(self) -> dict[str, Any] | None:
         """The running incarnation's pid and owner token; None while it starts (or after its death)."""
         return None if self.pid is None else {"pid": self.pid, "owner": self.owner, "worker": self.worker}
 
@@ -110,7 +110,7 @@ class Supervisor(threading.Thread):
         self._lock = threading.Lock()
         self._error: BaseException | None = None
         self._deferred_error: tuple[errors.ProducerError, int] | None = None
-        self._job = None            # the job posted last
+        self._job: Job | None = None  # the job posted last
         self._frozen: set[int] | None = None  # once the loop abandoned it: every seq it handed out
         self._gens: set[int] = set()  # round robin: the generations the current job was posted as
         self._t0 = time.perf_counter()
@@ -180,8 +180,8 @@ class Supervisor(threading.Thread):
             self._frozen = None
             self.work.post(epoch, base_seq, count, start=start, resume=resume,
                            round_robin=len(self.positions) if round_robin else 0)
-            self._job = self.work.current()
-            self._gens = {self._job.gen}
+            self._job = job = self.work.current()
+            self._gens = {job.gen}
 
     def abandon(self) -> None:
         """The loop left the epoch early: hand out nothing more of it (re-issued work still goes)."""
@@ -204,7 +204,7 @@ class Supervisor(threading.Thread):
                     handed = set(range(job.base_seq, job.base_seq + last))
                 self._frozen = handed
             else:
-                self._frozen = set(range(self._job.base_seq, self._job.base_seq + frozen.taken))
+                self._frozen = set(range(job.base_seq, job.base_seq + frozen.taken))
 
     def outstanding(self, delivered: set[int]) -> list[int]:
         """Batches of an abandoned epoch handed out but not delivered: the feed drains them."""
@@ -215,7 +215,9 @@ class Supervisor(threading.Thread):
         """Every seq of the current job a producer took (made, making, lost or re-issued since)."""
         if self._frozen is not None:
             return self._frozen
-        job, base = self._job, self._job.base_seq
+        job = self._job
+        assert job is not None  # called once a job was posted
+        base = job.base_seq
         if not job.round_robin:
             return set(range(base, base + self.work.current().taken))
         seqs: set[int] = set()
@@ -225,9 +227,11 @@ class Supervisor(threading.Thread):
 
     def _handed_out_by(self, worker: int) -> set[int]:
         """Round robin: the seqs the producer at record ``worker`` took of the current job."""
-        job, base = self._job, self._job.base_seq
+        job = self._job
+        assert job is not None
+        base = job.base_seq
         rec = self.work.record(worker)
-        seqs = set()
+        seqs: set[int] = set()
         if rec.next_gen in self._gens:
             seqs.update(range(base + worker, base + min(rec.next_k, job.count), job.stride))
         if rec.task is not None and rec.task >= base:
@@ -359,10 +363,12 @@ class Supervisor(threading.Thread):
 
     def _autotune(self) -> None:
         now = time.monotonic()
+        loop_counts = self._loop_counts
+        assert loop_counts is not None  # given with a controller
         if self._window is None:
             from .autotune import IdleCores
 
-            batches, wait = self._loop_counts()
+            batches, wait = loop_counts()
             self._window = (now, batches, wait, IdleCores())
             return
         t0, b0, w0, idle = self._window
@@ -370,7 +376,7 @@ class Supervisor(threading.Thread):
             return
         from .autotune import Window
 
-        batches, wait = self._loop_counts()
+        batches, wait = loop_counts()
         busy_ns = 0
         for p in self.positions:
             if p.active and p.owner is not None:
@@ -525,6 +531,8 @@ class Supervisor(threading.Thread):
         from .work import Task
 
         job = self._job
+        if job is None:
+            return None
         try:
             return self._task_index(Task(seq, seq - job.base_seq, job.epoch, job.start, job.flags, True))
         except Exception:

@@ -25,7 +25,7 @@ the bytes. Not guarded (escapes): ``np.asarray(view)``, ``memoryview(view)``,
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import numpy as np
 
@@ -125,7 +125,7 @@ class GuardedArray(np.ndarray):
         self._fresh()
         return self.view(np.ndarray).tolist()
 
-    def tobytes(self, order: str = "C") -> bytes:
+    def tobytes(self, order: Literal["K", "A", "C", "F"] | None = "C") -> bytes:
         self._fresh()
         return self.view(np.ndarray).tobytes(order)
 

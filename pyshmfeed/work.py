@@ -191,18 +191,19 @@ class TaskIndex:
 
     def __init__(self, length: int, *, seed: int, shuffle: bool, ordered: bool, rank: int, world_size: int,
                  resume_skip: frozenset[int] = frozenset()) -> None:
-        self._args = dict(seed=seed, shuffle=shuffle, rank=rank, world_size=world_size)
+        self._seed, self._shuffle, self._rank, self._world_size = seed, shuffle, rank, world_size
         self.length = length
         self.ordered = ordered
         self.resume_skip = resume_skip
         self._key: tuple | None = None
-        self._positions: np.ndarray | None = None
-        self._order: np.ndarray | None = None
+        self._positions: np.ndarray = np.zeros(0, dtype=np.int64)  # set with _key, on the first task
+        self._order: np.ndarray = np.zeros(0, dtype=np.int64)
 
     def __call__(self, task: Task) -> int:
         key = (task.epoch, task.start, bool(task.flags & JOB_RESUME))
         if key != self._key:
-            self._order = epoch_order(self.length, task.epoch, **self._args)
+            self._order = epoch_order(self.length, task.epoch, seed=self._seed, shuffle=self._shuffle,
+                                      rank=self._rank, world_size=self._world_size)
             skip = self.resume_skip if key[2] else frozenset()
             self._positions = epoch_positions(self._order, start=task.start, ordered=self.ordered, skip=skip)
             self._key = key

@@ -31,7 +31,7 @@ class IOSource:
 
     def __call__(self, index: int, out, ctx) -> None:
         io = self.io_s
-        if self.switch_at is not None and time.time() >= self.switch_at:
+        if self.switch_at is not None and self.io_after is not None and time.time() >= self.switch_at:
             io = self.io_after
         time.sleep(io)
         out["x"].fill(index)

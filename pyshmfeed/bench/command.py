@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Any
 
 from .pipelines import KEYS, PIPELINES, select
 from .workload import ARTICLE_SHAPE, DEFAULT_SHAPE, Workload
@@ -88,7 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def workload_from(args: argparse.Namespace) -> Workload:
     if getattr(args, "preset", None):
-        p = dict(PRESETS[args.preset])
+        p: dict[str, Any] = dict(PRESETS[args.preset])
         d = Workload()
         # An option given on the command line wins over the preset (defaults do not).
         for name in ("workers", "batches", "serial_batches"):

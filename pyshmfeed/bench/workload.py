@@ -222,6 +222,7 @@ def _default_step(w: Workload) -> Callable[[Any, Any], None]:
 
 def summarize(trace: Trace, w: Workload) -> dict[str, float | int]:
     """The figures of one run: start-up apart, then the steady state after ``warmup`` batches."""
+    assert trace.first is not None and trace.end is not None and trace.steady_start is not None  # set by measure()
     waits = np.asarray(trace.waits)
     n = len(waits)
     warm = min(w.warmup, n - 1)

@@ -40,7 +40,7 @@ import collections
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -64,7 +64,7 @@ class StagedFeed(Protocol):
     def ring(self) -> Ring: ...
 
     def slots_of(self, epoch: int, *, stop: Callable[[], bool] | None = None
-                 ) -> Iterator[tuple[ConsumerSlot, Batch]]: ...
+                 ) -> Generator[tuple[ConsumerSlot, Batch], None, None]: ...
 
     def stats(self) -> dict[str, Any]: ...
 
@@ -451,6 +451,7 @@ class StageCore:
             if self._closed:
                 raise errors.RingClosed(self._close_reason or "the stage was closed")
             self._raise_async_failure()
+            assert item is not None  # the wait ends with a batch, the stage closed or a failure raised
         if item is _END:
             self.close()
             raise StopIteration

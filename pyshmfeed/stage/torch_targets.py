@@ -10,9 +10,10 @@ that use it (``_torch``): importing this module imports no framework.
 from __future__ import annotations
 
 import collections
+import functools
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 import numpy as np
@@ -266,15 +267,20 @@ class CudaTarget(Target):
         staged_at = time.perf_counter()
         arrays = list(batch.values())
         buf = None
+        pool = self.pool
+        held: ConsumerSlot | None = slot  # None once the batch is copied out of the slot
+        put_back: Callable[[], None] | None = None  # gives the pinned buffer back to the pool
         if self.registered:
             sources = [torch.from_numpy(_writable(a)) for a in arrays]
         else:
-            buf = self.pool.get(core.stop_event)
-            sources = self.pool.views(buf, batch)
+            assert pool is not None  # made whenever the ring is not registered
+            buf = pool.get(core.stop_event)
+            sources = pool.views(buf, batch)
             for dst, a in zip(sources, arrays):
                 dst.copy_(torch.from_numpy(_writable(a)))  # the one extra copy
             core.release(slot, staged_at)  # the pinned buffer holds the batch now
-            slot = None
+            held = None
+            put_back = functools.partial(pool.put, buf)
         with torch.cuda.device(self.device), torch.cuda.stream(self.stream):
             if self._delay_cycles:
                 torch.cuda._sleep(self._delay_cycles)
@@ -285,13 +291,13 @@ class CudaTarget(Target):
                 outs.append(dst)
             event = torch.cuda.Event()
             event.record(self.stream)
-        if slot is not None:
+        if held is not None:
             if self._release_early:
-                core.release(slot, staged_at)  # WRONG on purpose (test hook): the DMA may not have run yet
+                core.release(held, staged_at)  # WRONG on purpose (test hook): the DMA may not have run yet
             else:
-                core.release_after(event, slot, staged_at)
+                core.release_after(event, held, staged_at)
         else:
-            core.release_after(event, None, staged_at, then=lambda: self.pool.put(buf))
+            core.release_after(event, None, staged_at, then=put_back)
         it = iter(outs)
         return Staged(batch.map(lambda _a: next(it)), None, batch_nbytes(batch), event=event,
                        staged_at=staged_at)
