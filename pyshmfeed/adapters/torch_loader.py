@@ -48,7 +48,7 @@ import functools
 import math
 import pickle
 import time
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -70,7 +70,10 @@ _UNKNOWN_SLOT_BYTES = 1 << 20  # when the probe learnt nothing (the first batch 
 _SLOT_HEADROOM = 1.25          # batches a little larger than the first still fit in their slot
 
 
-class DataLoader(_TorchDataLoader):
+_T_co = TypeVar("_T_co", covariant=True)
+
+
+class DataLoader(_TorchDataLoader[_T_co]):
     """``torch.utils.data.DataLoader``, with ``num_workers`` pyshmfeed producers writing batches into a ring.
 
     Arguments, defaults and errors are torch's (this class subclasses it).
@@ -466,6 +469,9 @@ class _RingLoaderIter(_BaseDataLoaderIter):
         while True:
             if self._done or self._producers is None:
                 raise StopIteration
+            if self._producers.closed:
+                self._slots = None
+                raise errors.RingClosed("this DataLoader was closed while the iterator was in use")
             if self._slots is not None and self._taken >= self._plan.count:
                 self._end_chunk()
                 if self._dataset_kind == _DatasetKind.Map and self._sampler_done:
