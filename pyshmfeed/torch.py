@@ -6,7 +6,12 @@ Re-exports ``pyshmfeed.adapters.torch``; torch itself is imported when
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from .adapters.torch import TorchBatches
+
+if TYPE_CHECKING:  # at run time DataLoader comes from __getattr__ below
+    from .adapters.torch_loader import DataLoader
 
 
 def __getattr__(name: str):

@@ -584,17 +584,16 @@ def test_two_live_iterators_of_one_loader_each_give_the_whole_epoch(ray_session)
 def test_fresh_workers_see_the_dataset_as_it_is_at_iter_and_persistent_ones_keep_their_copy(ray_session):
     for persistent in (False, True):
         dataset = EpochAware()
+        seen: dict = {}
         for cls in (torch_loader, DataLoader):
             loader = cls(dataset, batch_size=2, num_workers=2, persistent_workers=persistent)
-            seen = []
+            seen[cls] = []
             for value in (1, 2, 3):
                 dataset.value = value
-                seen.append([int(i) for b in loader for i in b])
+                seen[cls].append([int(i) for b in loader for i in b])
             if cls is DataLoader:
                 loader.close()
-                assert seen == reference, f"persistent_workers={persistent}"
-            else:
-                reference = seen
+        assert seen[DataLoader] == seen[torch_loader], f"persistent_workers={persistent}"
 
 
 def test_an_epoch_left_early_does_not_disturb_the_next(ray_session):

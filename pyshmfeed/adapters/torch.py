@@ -20,9 +20,12 @@ torch_loader.py (also importable from here and as
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..stage import Stage, cuda_target, torch_cpu_target
+
+if TYPE_CHECKING:  # at run time DataLoader comes from __getattr__ below: importing this module imports no torch
+    from .torch_loader import DataLoader
 
 # ---- batches of tensors from any feed ----------------------------------------------
 
