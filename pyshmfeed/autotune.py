@@ -57,10 +57,6 @@ def parse_bytes(value: int | str, what: str = "memory_budget") -> int:
     raise errors.InvalidArgument(f"{what}={value!r}: give bytes (an int) or a size like '256MiB' or '2GiB'")
 
 
-def idle_cores() -> "IdleCores":
-    return IdleCores()
-
-
 class IdleCores:
     """Idle CPU of the whole machine between two readings, in cores (from /proc/stat)."""
 

@@ -47,7 +47,7 @@ from .procs import wait_dead
 from .producer import Producer
 from .ring import CLOSE_FAILED, CLOSE_PRODUCER_ERROR, Ring, process_alive
 from .spec import BatchSpec
-from .work import Job, TaskIndex, WorkArea
+from .work import JOB_RESUME, Job, TaskIndex, WorkArea
 
 _TICK_S = 0.05          # how often the watch thread looks (nothing per batch)
 _SETTLE_S = 2.0         # a live producer's take in progress ends in nanoseconds; a paused one is leased out
@@ -199,7 +199,7 @@ class Supervisor(threading.Thread):
                     # ring delivers in sequence, so the gaps are made too, each by its own producer, by
                     # re-posting the job up to `last` with every record going on where it was.
                     carried = self.work.post(job.epoch, job.base_seq, last, start=job.start, resume=bool(
-                        job.flags & 1), round_robin=job.stride, carry_gen=job.gen)
+                        job.flags & JOB_RESUME), round_robin=job.stride, carry_gen=job.gen)
                     self._gens.add(carried.gen)
                     handed = set(range(job.base_seq, job.base_seq + last))
                 self._frozen = handed
@@ -568,15 +568,10 @@ class Supervisor(threading.Thread):
         return lost
 
     def _held_by_live(self, dead: int) -> set[int]:
+        """The tasks the other producers hold, once their takes in progress have ended."""
+        self._settle_takes()
         held: set[int] = set()
-        deadline = time.monotonic() + _SETTLE_S
         for p in self.positions:
-            if p.worker == dead:
-                continue
-            rec = self.work.record(p.worker)
-            while rec.intent and time.monotonic() < deadline:
-                time.sleep(0.0005)
-                rec = self.work.record(p.worker)
-            if rec.task is not None:
-                held.add(rec.task)
+            if p.worker != dead and (task := self.work.record(p.worker).task) is not None:
+                held.add(task)
         return held
