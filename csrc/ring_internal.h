@@ -42,6 +42,7 @@ struct shmfeed_ring {
     uint64_t data_offset;
     uint32_t creator_pid;
     uint32_t creator_uid;
+    uint64_t created_ns;       /* the header's: tells this ring from a later one at the same path */
     atomic_u32 scan_hint;     /* unordered: where the next claim scan starts (a hint) */
     char path[128];           /* what another process opens to attach */
     char shm_name[64];        /* named backing: unlinked by the creator */

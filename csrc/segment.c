@@ -512,7 +512,7 @@ SHMFEED_MUST_USE int shmfeed_ring_create(uint32_t slot_count, uint64_t slot_byte
     h->data_offset = data_offset;
     h->creator_pid = r->creator_pid;
     h->creator_uid = r->creator_uid;
-    h->created_ns = shmfeed_clock_ns();
+    h->created_ns = r->created_ns = shmfeed_clock_ns();
     for (uint32_t i = 0; i < slot_count; i++)
         store_relaxed64(&ring_desc(r, i)->word, word_make(0, i, SHMFEED_SLOT_FREE));
     store_release_plain64(&h->magic, SHMFEED_MAGIC); /* pairs with validate()'s load_acquire_plain64 */
@@ -569,6 +569,7 @@ SHMFEED_MUST_USE static int validate(shmfeed_ring *r, char *err, size_t errlen)
     r->data_offset = data_offset;
     r->creator_pid = h->creator_pid;
     r->creator_uid = h->creator_uid;
+    r->created_ns = h->created_ns;
     return SHMFEED_OK;
 }
 
@@ -650,6 +651,7 @@ SHMFEED_MUST_USE int shmfeed_ring_geometry(const shmfeed_ring *r, shmfeed_geomet
     g->segment_bytes = r->map_bytes;
     g->creator_pid = r->creator_pid;
     g->creator_uid = r->creator_uid;
+    g->created_ns = r->created_ns;
     return SHMFEED_OK;
 }
 

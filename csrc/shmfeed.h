@@ -63,6 +63,7 @@ typedef struct shmfeed_geometry {
     uint64_t segment_bytes;   /* size of the whole mapping */
     uint32_t creator_pid;
     uint32_t creator_uid;
+    uint64_t created_ns;      /* when the creator made it: a handle names one ring, not a path's next one */
 } shmfeed_geometry;
 
 /* What a producer holds between claim and commit/abort. */

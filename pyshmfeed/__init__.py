@@ -26,6 +26,7 @@ from .errors import (
     WouldBlock,
 )
 from .feed import Feed
+from .hosts import release_idle as release_producers
 from .ring import ConsumerSlot, ProducerSlot, Ring, RingHandle
 from .source import SlotArrays, SourceContext
 from .spec import ArraySpec, Batch, BatchSpec
@@ -38,7 +39,7 @@ except PackageNotFoundError:  # pragma: no cover - running from a source tree th
     __version__ = "0+unknown"
 
 __all__ = [
-    "Feed", "BatchSpec", "ArraySpec", "Batch", "SourceContext", "SlotArrays",
+    "Feed", "release_producers", "BatchSpec", "ArraySpec", "Batch", "SourceContext", "SlotArrays",
     "Ring", "RingHandle", "ProducerSlot", "ConsumerSlot",
     "ShmfeedError", "InvalidArgument", "NoSpace", "SegmentError", "SegmentNotFound",
     "SegmentPermissionError", "CorruptSegment", "LayoutVersionMismatch", "Timeout", "WouldBlock",

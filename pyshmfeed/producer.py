@@ -64,6 +64,12 @@ class Producer:
         another node gets a stand-in that ships batches to the ring's node (pyshmfeed/remote.py)."""
         return Ring.attach(handle)
 
+    def close(self) -> None:
+        """Give the ring up: this process then holds no mapping of it (NOTE [warm producers] in hosts.py)."""
+        self.layouts = []
+        del self.fn  # the source's memory goes with it
+        self.ring.detach()
+
     def identity(self) -> dict[str, Any]:
         """Who this producer is: the feed reclaims by ``owner`` if it dies."""
         return {"pid": os.getpid(), "owner": self.ring.owner, "worker": self.worker}

@@ -85,6 +85,9 @@ class RingHandle:
     slot_bytes: int
     ordered: bool
     creator_pid: int
+    # When the creator made the ring (0: unknown). A memfd path names an fd number, which the
+    # creator reuses for its next ring once this one is closed: attach() checks it is this ring.
+    created_ns: int = 0
 
 
 def new_owner_token() -> int:
@@ -146,6 +149,7 @@ class Ring:
         self.nbytes: int = geometry.segment_bytes
         self.ordered: bool = bool(geometry.flags & lib.SHMFEED_ORDERED)
         self.creator_pid: int = geometry.creator_pid
+        self.created_ns: int = geometry.created_ns
         # Every view of slot memory is a slice of this: it holds the owner (_base) through its buffer.
         self._memory: memoryview | None = memoryview(ffi.buffer(self._base, geometry.segment_bytes))
         self._data_offset: int = geometry.data_offset
@@ -200,12 +204,16 @@ class Ring:
         err = ffi.new("char[]", ERR_BYTES)
         check(lib.shmfeed_ring_attach(path.encode(), out, err, ERR_BYTES), f"attaching ring {path}", err)
         ring = cls(out[0], owner=owner, debug_views=debug_views)
+        if isinstance(handle, RingHandle) and handle.created_ns and handle.created_ns != ring.created_ns:
+            ring.detach()  # another ring now at the path: the handle's was closed and its fd reused
+            raise errors.SegmentNotFound(f"attaching ring {path}: the ring this handle names is gone (its "
+                                         "creator closed it; the path now holds a newer ring)")
         ring._record = registry.record(ring, "attached")
         return ring
 
     @property
     def handle(self) -> RingHandle:
-        return RingHandle(self._path, self.slots, self.slot_bytes, self.ordered, self.creator_pid)
+        return RingHandle(self._path, self.slots, self.slot_bytes, self.ordered, self.creator_pid, self.created_ns)
 
     @property
     def attached(self) -> bool:

@@ -1,11 +1,13 @@
 """Producers on the ring's node that take their work from the segment: start, watch, replace.
 
 NOTE [supervision]
-  start    One Ray actor per producer position ``w`` (0 .. workers-1), pinned
-           to this node, all started at once. Each opens record ``w`` of the
-           work area and then runs ``serve()``: one Ray call for its whole
-           life. ``Supervisor.__init__`` returns once the first one is up, so
-           start-up errors surface in ``Feed()``; the others join as they come.
+  start    One producer per position ``w`` (0 .. workers-1), pinned to this
+           node, all started at once, each in a warm host from this process's
+           pool or a new one (NOTE [warm producers] in hosts.py). Each opens
+           record ``w`` of the work area and then runs ``serve()``: one Ray
+           call for its whole life. ``Supervisor.__init__`` returns once the
+           first one is up, so start-up errors surface in ``Feed()``; the
+           others join as they come.
   work     The feed posts a job per epoch in the segment (``WorkArea.post``);
            producers take tasks themselves. Nothing here runs per batch.
   watch    One thread wakes every ``_TICK_S``: process liveness of every
@@ -26,11 +28,13 @@ NOTE [supervision]
            the controller every ``AUTOTUNE_S`` and starts producers at idle
            positions or stops one cleanly: its record's stop flag ends its
            takes, it finishes the batch it holds, its ``serve()`` returns and
-           the actor is killed. No task is lost or repeated by either.
+           its host goes back to the pool. No task is lost or repeated by either.
   ray      If Ray itself dies, the producers die with it and no replacement
            starts: ``raise_if_failed`` says so within ``RAY_LOST_S``.
   stop     The feed closes the ring (every ``serve()`` returns), then
-           ``stop()`` kills the actors and waits, boundedly, for their pids.
+           ``stop()`` gives the hosts back to the pool (those still finishing
+           a batch once their ``serve()`` returns), kills the rest and waits,
+           boundedly, for their pids.
 """
 
 from __future__ import annotations
@@ -41,10 +45,9 @@ import threading
 import time
 from typing import Any, Callable
 
-from . import errors, raylife, registry
+from . import errors, hosts, raylife, registry
 from ._ffi import lib
 from .procs import wait_dead
-from .producer import Producer
 from .ring import CLOSE_FAILED, CLOSE_PRODUCER_ERROR, Ring, process_alive
 from .spec import BatchSpec
 from .work import JOB_RESUME, Job, TaskIndex, WorkArea
@@ -62,8 +65,9 @@ class Position:
 
     def __init__(self, worker: int) -> None:
         self.worker = worker
-        self.actor: Any = None
-        self.ready_ref: Any = None   # identity() while it starts
+        self.actor: Any = None       # its host's Ray actor handle
+        self.host: hosts.Host | None = None
+        self.ready_ref: Any = None   # start() while it starts
         self.serve_ref: Any = None   # serve() once it runs
         self.pid: int | None = None
         self.owner: int | None = None
@@ -121,7 +125,8 @@ class Supervisor(threading.Thread):
                    "scheduling_strategy": NodeAffinitySchedulingStrategy(
                        node_id=ray.get_runtime_context().get_node_id(), soft=False)}
         options.update(actor_options)
-        self._actor_cls = ray.remote(Producer).options(**options)
+        self._host_cls = ray.remote(hosts.ProducerHost).options(**options)
+        self._pool_key = hosts.key(ray.get_runtime_context().get_node_id(), num_cpus, actor_options)
         self.positions = [Position(w) for w in range(workers)]
         self.controller = controller  # autotune.Controller, or None: a fixed number of producers
         self._loop_counts = loop_counts
@@ -137,9 +142,10 @@ class Supervisor(threading.Thread):
 
     def _start(self, p: Position) -> None:
         handle, spec, kind, fn = self._args
-        p.actor = self._actor_cls.remote(handle, spec, kind, fn, p.worker, self._workers, self._seed,
-                                         os.getpid(), self._task_index)
-        p.ready_ref = p.actor.identity.remote()
+        p.host = hosts.borrow(self._pool_key) or hosts.Host(self._host_cls.remote())
+        p.actor = p.host.actor
+        p.ready_ref = p.actor.start.remote(handle, spec, kind, fn, p.worker, self._workers, self._seed,
+                                           os.getpid(), self._task_index)
         p.serve_ref = None
         p.pid = p.owner = None
         p.started_at = time.monotonic()
@@ -165,6 +171,8 @@ class Supervisor(threading.Thread):
 
     def _on_started(self, p: Position, ident: dict[str, int]) -> None:
         p.pid, p.owner, p.ready_ref = ident["pid"], ident["owner"], None
+        assert p.host is not None  # set with the actor
+        p.host.pid = p.pid
         p.pids.append(p.pid)
         p.serve_ref = p.actor.serve.remote()
 
@@ -282,7 +290,8 @@ class Supervisor(threading.Thread):
         return sum(1 for p in self.positions if p.active and not p.stopping)
 
     def stop(self) -> None:
-        """After the ring was closed: stop watching, kill the actors, wait (boundedly) for their pids."""
+        """After the ring was closed: stop watching, pool the hosts whose serve() returned, kill the rest
+        and wait (boundedly) for their pids."""
         self._stopping.set()
         if self.is_alive() and threading.current_thread() is not self:
             self.join(timeout=5)
@@ -291,18 +300,25 @@ class Supervisor(threading.Thread):
             for pid in {pid for p in self.positions for pid in p.pids}:
                 wait_dead(pid, polite_s=0.0)
             return
-        pending = {p.ready_ref: p for p in self.positions if p.ready_ref is not None}
-        if pending:  # still starting: learn their pids, so we can make sure they are gone
-            with contextlib.suppress(Exception):
-                done, _ = self._ray.wait(list(pending), num_returns=len(pending), timeout=5)
-                for ref in done:
-                    with contextlib.suppress(Exception):
-                        pending[ref].pids.append(self._ray.get(ref, timeout=1)["pid"])
+        killed: set[int] = set()
         for p in self.positions:
-            if p.actor is not None:
+            host, p.host = p.host, None
+            if p.actor is None or host is None:
+                continue
+            if p.ready_ref is not None:  # still starting: pooled once it started and saw the ring closed
+                hosts.give_back_when_done(self._pool_key, host, start_ref=p.ready_ref)
+            elif p.finished:
+                hosts.give_back(self._pool_key, host)  # it detached the ring before its serve() returned
+            elif p.serve_ref is not None:
+                # Still making the batch it had when the ring closed: pooled once serve() returns.
+                hosts.give_back_when_done(self._pool_key, host, serve_ref=p.serve_ref)
+            else:
+                if p.pid is not None:
+                    killed.add(p.pid)
                 with contextlib.suppress(Exception):
                     self._ray.kill(p.actor, no_restart=True)
-        for pid in {pid for p in self.positions for pid in p.pids}:
+            p.actor = None
+        for pid in killed:
             wait_dead(pid, polite_s=2.0)
 
     # ---- the watch thread -----------------------------------------------------
@@ -418,12 +434,11 @@ class Supervisor(threading.Thread):
                 return
 
     def _retire(self, p: Position) -> None:
-        """A stopped producer's serve() returned: its process goes, its position is idle again."""
-        with contextlib.suppress(Exception):
-            self._ray.kill(p.actor, no_restart=True)
-        wait_dead(p.pid)
+        """A stopped producer's serve() returned: its host goes back to the pool, its position is idle."""
+        assert p.host is not None  # it ran
+        hosts.give_back(self._pool_key, p.host)
         self.work.reset(p.worker)
-        p.actor = p.ready_ref = p.serve_ref = None
+        p.actor = p.host = p.ready_ref = p.serve_ref = None
         p.pid = p.owner = None
         p.active = p.stopping = False
 
@@ -513,6 +528,7 @@ class Supervisor(threading.Thread):
                 culprit)
         p.pid = p.owner = None
         p.serve_ref = p.ready_ref = None
+        p.host = None  # dead: never pooled
         if p.stopping:  # it was being stopped anyway: its position goes idle, no replacement
             p.active = p.stopping = False
             p.actor = None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import sys
 import time
 
 import pytest
@@ -114,6 +115,16 @@ def leaves_no_segment_or_child_behind():
         problems.append(f"child processes left running (now killed): {sorted(leaked_children)}")
     if problems:
         pytest.fail("; ".join(problems), pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def starts_with_no_warm_producers():
+    """Each test starts with Ray's CPUs free: the warm producer hosts an earlier test's feeds left in
+    the pool (NOTE [warm producers] in pyshmfeed/hosts.py) are released after every test."""
+    yield
+    hosts = sys.modules.get("pyshmfeed.hosts")
+    if hosts is not None:
+        hosts.release_idle()
 
 
 # ---- Ray: one local instance per test session, always shut down -----------------

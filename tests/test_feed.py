@@ -12,6 +12,7 @@ imports them too.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 
 import pyshmfeed.feed as feed_module
-from pyshmfeed import Batch, BatchSpec, Feed, SourceContext
+from pyshmfeed import Batch, BatchSpec, Feed, SourceContext, hosts, release_producers
 from pyshmfeed.errors import InvalidArgument, NoSpace, ProducerError, RingClosed
 from pyshmfeed.ring import process_alive
 from pyshmfeed.source import copy_batch_into, write_indexed_batch
@@ -231,14 +232,41 @@ def wait_until(check, timeout: float = 15.0, what: str = "") -> None:
         time.sleep(0.05)
 
 
+SEGMENT_NAMES = ("memfd:pyshmfeed-", "/dev/shm/pyshmfeed-")  # memfd and named backing (csrc/segment.c)
+
+
+def maps_a_ring(pid: int) -> bool:
+    """Whether process ``pid`` maps a pyshmfeed segment or holds an fd of one."""
+    try:
+        with open(f"/proc/{pid}/maps") as f:
+            if any(name in f.read() for name in SEGMENT_NAMES):
+                return True
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                if any(name in os.readlink(f"/proc/{pid}/fd/{fd}") for name in SEGMENT_NAMES):
+                    return True
+    except OSError:
+        return False  # gone
+    return False
+
+
 def assert_nothing_left(ray, feed: Feed, pids: list[int], actors: list, fds_before: list[str]) -> None:
-    """No producer process, no live actor, no ring mapping or fd, Ray's CPUs all free again."""
+    """No producer holds the ring: each one's process is gone or is a warm host back in the pool that
+    maps no segment (NOTE [warm producers]); once the pool is released, no producer process, no live
+    actor, no ring mapping or fd, and Ray's CPUs all free again."""
     assert pids, "the test should have seen the producers' pids"
+    hosts.settle()  # producers still finishing a batch when the ring closed join the pool or die
+    idle = hosts.idle_pids()
+    running = [pid for pid in pids if process_alive(pid) and pid not in idle]
+    assert not running, f"producer processes still running after close(), not back in the pool: {running}"
+    holding = [pid for pid in set(pids) & idle if maps_a_ring(pid)]
+    assert not holding, f"warm producer hosts still map a ring: {holding}"
+    release_producers()
     dead = [pid for pid in pids if process_alive(pid)]
-    assert not dead, f"producer processes still running after close(): {dead}"
+    assert not dead, f"producer processes still running after release_producers(): {dead}"
     for actor in actors:
         with pytest.raises(ray.exceptions.RayActorError):
-            ray.get(actor.identity.remote(), timeout=30)
+            ray.get(actor.__ray_ready__.remote(), timeout=30)
     assert not feed._ring.attached
     assert sorted(ring_fds()) == sorted(fds_before)
     total = ray.cluster_resources().get("CPU")

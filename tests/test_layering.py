@@ -26,7 +26,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                                         "spec", "work", "stats")),
     # raydata turns a ray.data.Dataset into a shards source; Feed.from_ray_dataset calls it.
     ("what producers run", ("source", "producer", "raydata")),
-    ("running producers", ("procs", "raylife", "autotune", "supervisor", "dispatch", "remote")),
+    ("running producers", ("procs", "hosts", "raylife", "autotune", "supervisor", "dispatch", "remote")),
     ("the consumer thread", ("stage",)),
     ("the feed", ("feed",)),
     ("front ends and tools", ("__init__", "__main__", "torch", "adapters", "cli", "bench", "doctor",

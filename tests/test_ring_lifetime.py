@@ -26,7 +26,7 @@ import time
 
 import pytest
 
-from pyshmfeed import Ring, registry
+from pyshmfeed import Ring, SegmentNotFound, registry
 from pyshmfeed._ffi import ffi
 from pyshmfeed.errors import RingClosed
 
@@ -275,3 +275,18 @@ def test_ctrl_c_at_any_line_of_detach_leaves_it_attached_or_finished_by_the_next
     print(f"\n[{backing}, {'waiter' if waiter else 'idle'}] Ctrl-C at each of the {total} lines detach() runs: "
           f"{outcomes}")
     assert outcomes["detached"] > 0 and (outcomes["still attached"] > 0 or not waiter)
+
+
+def test_a_handle_of_a_closed_ring_does_not_attach_the_ring_that_reused_its_path():
+    """A memfd path is /proc/<creator>/fd/<n>: the creator's next ring may get the same fd number.
+    A producer that attaches late with the old handle must not become a producer of the new ring."""
+    old = Ring.create(2, 4096)
+    handle = old.handle
+    old.detach()
+    new = Ring.create(2, 4096)
+    try:
+        with pytest.raises(SegmentNotFound):
+            Ring.attach(handle)
+        Ring.attach(new.handle).detach()  # the new ring's own handle attaches
+    finally:
+        new.detach()

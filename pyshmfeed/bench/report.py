@@ -92,6 +92,10 @@ def notes(result: dict[str, Any]) -> str:
         nxt = r.get("extra", {}).get("next_epoch_time_to_first_batch_s")
         if r["status"] == "ok" and nxt is not None:
             out.append(f"{r['label']}: time to first batch of the next epoch (producers warm): {nxt:.3f} s")
+        warm = r.get("extra", {}).get("warm_feed_time_to_first_batch_s")
+        if r["status"] == "ok" and warm is not None:
+            out.append(f"{r['label']}: time to first batch of a new Feed right after this one closed (its "
+                       f"producer processes reused from the pool): {warm:.3f} s")
     floor = result.get("wake_floor")
     if floor:
         out.append(f"Wake-up floor of this machine: code that takes {1e6 * floor['hot_s']:.0f} µs back to back "
