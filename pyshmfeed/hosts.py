@@ -188,7 +188,7 @@ def _kill(hosts: list[Host]) -> None:
     import ray
 
     for h in hosts:
-        with contextlib.suppress(Exception):
+        with contextlib.suppress(BaseException):  # a dead actor, or Ray shutting down
             ray.kill(h.actor, no_restart=True)
     for h in hosts:
         if h.pid is not None:
@@ -212,7 +212,7 @@ def _return_hosts() -> None:
                 return
         try:
             done, _ = ray.wait(refs, num_returns=len(refs), timeout=0.05)
-        except Exception:  # Ray is gone: so are the hosts
+        except BaseException:  # Ray is gone (its shutdown raises SystemExit in waiting threads): so are the hosts
             with _lock:
                 _returning.clear()
                 _serving.clear()
@@ -232,8 +232,8 @@ def _return_hosts() -> None:
                 continue
             try:
                 result = ray.get(ref, timeout=1)
-            except Exception:
-                result = None  # it died, or its start failed: not worth keeping
+            except BaseException:
+                result = None  # it died, or its start failed (or Ray shut down): not worth keeping
             if isinstance(result, dict) and "pid" in result:  # start() returned: now serve() returns
                 host.pid = result["pid"]
                 serve_ref = host.actor.serve.remote()

@@ -94,8 +94,9 @@ def notes(result: dict[str, Any]) -> str:
             out.append(f"{r['label']}: time to first batch of the next epoch (producers warm): {nxt:.3f} s")
         warm = r.get("extra", {}).get("warm_feed_time_to_first_batch_s")
         if r["status"] == "ok" and warm is not None:
-            out.append(f"{r['label']}: time to first batch of a new Feed right after this one closed (its "
-                       f"producer processes reused from the pool): {warm:.3f} s")
+            wall = r["extra"].get("warm_feed_wall_s")
+            out.append(f"{r['label']}: a new Feed right after this one closed (its producer processes reused "
+                       f"from the pool): first batch {warm:.3f} s" + (f", wall {wall:.2f} s" if wall else ""))
     floor = result.get("wake_floor")
     if floor:
         out.append(f"Wake-up floor of this machine: code that takes {1e6 * floor['hot_s']:.0f} µs back to back "
