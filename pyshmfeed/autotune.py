@@ -16,7 +16,8 @@ NOTE [autotune]
                and producers are busy (> ``busy_high``) and the machine has an
                idle core: add producers (more at once while the gap is large);
              - after a change, throughput is compared with the window before
-               it: an add that neither raised batches/s by ``gain`` nor cut
+               it (the judging window is longer, ``JUDGE_S`` in supervisor.py, and
+               starts once the new producers run and a window has passed): an add that neither raised batches/s by ``gain`` nor cut
                the loop's wait, on a machine with no idle core left, is taken
                back (CPU-bound work on too few cores: producers only steal
                CPU from each other), and adding pauses for ``hold`` windows;
@@ -136,6 +137,11 @@ class Controller:
         self._cooldown = 0
         self._ceiling = max_workers  # lowered when adding stopped paying off
         self._failures = 0  # adds in a row that did not pay
+
+    @property
+    def judging(self) -> bool:
+        """A change is on trial: the next window judges it (the supervisor makes that one longer)."""
+        return self._trial is not None
 
     def decide(self, w: Window, workers: int) -> int:
         """The change in producers to make now (0: none), given the last window and how many run."""

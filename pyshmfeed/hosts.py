@@ -13,16 +13,20 @@ NOTE [warm producers]
   pool     When a feed stops, the hosts whose ``serve()`` returned go back
            to this process's pool, keyed by their actor options; the next
            feed with the same options takes them instead of starting actors.
-           One still finishing the batch it had when the ring closed is
-           handed to a returner thread, so ``close()`` does not wait for it:
-           it joins the pool when its ``serve()`` returns, or is killed if
-           that takes over ``RETURN_S``. A host that died or was killed
-           (lease, Ray's death) never goes back.
+           ``stop()`` gives a host still finishing the batch it had when the
+           ring closed ``RETURN_S`` to return; one that does not, one still
+           starting, one that died or was killed (lease, Ray's death) is
+           killed, never pooled. (No thread waits for late ones: a Ray call
+           from a background thread into a Ray that was just shut down ends
+           the whole process.)
   cost     Idle hosts hold their Ray CPUs (``num_cpus``). They are killed
-           after ``IDLE_S`` idle, when a feed asks for other options (the
-           CPUs they hold may be what its producers wait for), by
-           ``release_idle()`` (public: ``pyshmfeed.release_producers()``),
-           and with Ray (they are owned by this process: they die with it).
+           after ``IDLE_S`` idle (by a reaper thread that calls Ray only
+           under ``_ray_calls`` and only while that Ray is up; ``forget()``
+           takes the same lock before pyshmfeed shuts Ray down), when a feed
+           asks for other options (the CPUs they hold may be what its
+           producers wait for), by ``release_idle()`` (public:
+           ``pyshmfeed.release_producers()``), and with Ray (they are owned
+           by this process: they die with it).
   safety   A host in the pool maps no ring: ``serve()`` detaches before it
            returns, so nothing it does later can touch an old segment. A new
            feed gives it a new owner token, so reclaiming by owner never
@@ -42,8 +46,7 @@ from .procs import wait_dead
 from .producer import Producer
 
 IDLE_S = 30.0     # an idle host is killed after this long in the pool
-RETURN_S = 5.0    # after its ring closed, a serve() that has not returned by then is killed
-START_GRACE_S = 30.0  # ... and a host still starting then, if it has not started by this
+RETURN_S = 0.5    # after its ring closed, a serve() that has not returned by then is killed, not pooled
 _REAP_TICK_S = 1.0
 
 
@@ -83,12 +86,10 @@ class Host:
 
 
 _lock = threading.Lock()
+_ray_calls = threading.Lock()  # held by the reaper around its Ray calls, and by forget()
 _idle: dict[Any, list[Host]] = {}
 _session: Any = None       # the Ray session the idle hosts belong to
 _reaper: threading.Thread | None = None
-_returning: dict[Any, tuple[Any, Host, float]] = {}  # start() or serve() ref -> (key, host, deadline)
-_serving: set[Any] = set()  # the refs of _returning that are serve() calls
-_returner: threading.Thread | None = None
 
 
 def _current_session() -> Any:
@@ -97,6 +98,14 @@ def _current_session() -> Any:
     if not ray.is_initialized():
         return None
     return id(ray._private.worker.global_worker.core_worker)  # noqa: SLF001 -- changes with every ray.init
+
+
+def forget() -> None:
+    """Ray is about to shut down (and take the hosts with it): drop them all; the reaper calls it no more."""
+    global _session
+    with _ray_calls, _lock:
+        _idle.clear()
+        _session = None
 
 
 def borrow(key: Any) -> Host | None:
@@ -108,12 +117,6 @@ def borrow(key: Any) -> Host | None:
         for k in [k for k in _idle if k != key]:
             del _idle[k]
         host = _idle[key].pop() if _idle.get(key) else None
-        if host is None:
-            # One finishing its last batch: Ray runs the new start() after that serve() returns.
-            ref = next((r for r in _serving if _returning[r][0] == key), None)
-            if ref is not None:
-                host = _returning.pop(ref)[1]
-                _serving.discard(ref)
     _kill(others)
     return host
 
@@ -131,28 +134,6 @@ def give_back(key: Any, host: Host) -> None:
         if _reaper is None:
             _reaper = threading.Thread(target=_reap, name="pyshmfeed-host-reaper", daemon=True)
             _reaper.start()
-
-
-def give_back_when_done(key: Any, host: Host, serve_ref: Any = None, start_ref: Any = None) -> None:
-    """A host whose feed closed while it made a batch (``serve_ref``) or was still starting
-    (``start_ref``): pool it once its ``serve()`` returns (NOTE [warm producers])."""
-    global _returner
-    with _lock:
-        if start_ref is not None:
-            _returning[start_ref] = (key, host, time.monotonic() + START_GRACE_S)
-        else:
-            _returning[serve_ref] = (key, host, time.monotonic() + RETURN_S)
-            _serving.add(serve_ref)
-        if _returner is None:
-            _returner = threading.Thread(target=_return_hosts, name="pyshmfeed-host-returner", daemon=True)
-            _returner.start()
-
-
-def settle(timeout: float = RETURN_S + 5) -> None:
-    """Wait until no host is still returning (tests: every host is then pooled or dead)."""
-    deadline = time.monotonic() + timeout
-    while _returning and time.monotonic() < deadline:
-        time.sleep(0.02)
 
 
 def release_idle() -> list[int]:
@@ -183,10 +164,10 @@ def _forget_other_session(session: Any) -> None:
 
 
 def _kill(hosts: list[Host]) -> None:
-    if not hosts:
-        return
     import ray
 
+    if not hosts or not ray.is_initialized():
+        return  # no Ray: its workers, the hosts among them, are gone with it
     for h in hosts:
         with contextlib.suppress(BaseException):  # a dead actor, or Ray shutting down
             ray.kill(h.actor, no_restart=True)
@@ -195,73 +176,23 @@ def _kill(hosts: list[Host]) -> None:
             wait_dead(h.pid, polite_s=2.0)
 
 
-def _return_hosts() -> None:
-    """The returner thread: pool each host whose serve() returned, kill those past their deadline.
-
-    A host that was still starting gets its ``serve()`` called once ``start()`` returns: its
-    ring is closed, so that returns at once, with the ring detached.
-    """
-    global _returner
-    import ray
-
-    while True:
-        with _lock:
-            refs = list(_returning)
-            if not refs:
-                _returner = None  # under the lock: give_back_when_done() starts a new one from here on
-                return
-        try:
-            done, _ = ray.wait(refs, num_returns=len(refs), timeout=0.05)
-        except BaseException:  # Ray is gone (its shutdown raises SystemExit in waiting threads): so are the hosts
-            with _lock:
-                _returning.clear()
-                _serving.clear()
-            return
-        now = time.monotonic()
-        for ref in refs:
-            if ref not in done and now <= _returning.get(ref, (None, None, now))[2]:
-                continue
-            with _lock:  # from here on this thread owns the host (a borrow() can no longer take it)
-                entry = _returning.pop(ref, None)
-                _serving.discard(ref)
-            if entry is None:
-                continue  # borrowed by a new feed meanwhile
-            key_, host, _ = entry
-            if ref not in done:  # past its deadline
-                _kill([host])
-                continue
-            try:
-                result = ray.get(ref, timeout=1)
-            except BaseException:
-                result = None  # it died, or its start failed (or Ray shut down): not worth keeping
-            if isinstance(result, dict) and "pid" in result:  # start() returned: now serve() returns
-                host.pid = result["pid"]
-                serve_ref = host.actor.serve.remote()
-                with _lock:
-                    _returning[serve_ref] = (key_, host, now + RETURN_S)
-                    _serving.add(serve_ref)
-            elif result is not None:
-                give_back(key_, host)
-            else:
-                _kill([host])
-
-
 def _reap() -> None:
     """Kill hosts idle for over IDLE_S; ends when the pool is empty."""
     global _reaper
     while True:
         time.sleep(_REAP_TICK_S)
         now = time.monotonic()
-        with _lock:
-            if not any(_idle.values()):
-                _reaper = None  # under the lock: give_back() starts a new one from here on
-                return
-            expired = [h for hs in _idle.values() for h in hs if now - h.idle_since > IDLE_S]
-            for k in list(_idle):
-                _idle[k] = [h for h in _idle[k] if now - h.idle_since <= IDLE_S]
-            same_session = _session == _current_session()
-        if expired and same_session:
-            _kill(expired)
+        with _ray_calls:
+            with _lock:
+                if not any(_idle.values()) or _session is None:
+                    _reaper = None  # under the lock: give_back() starts a new one from here on
+                    return
+                expired = [h for hs in _idle.values() for h in hs if now - h.idle_since > IDLE_S]
+                for k in list(_idle):
+                    _idle[k] = [h for h in _idle[k] if now - h.idle_since <= IDLE_S]
+                usable = _current_session() == _session
+            if expired and usable:
+                _kill(expired)
 
 
 def key(node_id: str, num_cpus: float, actor_options: dict[str, Any]) -> tuple[str, float, str]:
@@ -269,5 +200,5 @@ def key(node_id: str, num_cpus: float, actor_options: dict[str, Any]) -> tuple[s
     return (node_id, float(num_cpus), repr(sorted(actor_options.items())))
 
 
-__all__ = ["ProducerHost", "Host", "IDLE_S", "RETURN_S", "borrow", "give_back", "give_back_when_done", "settle",
-           "release_idle", "idle_pids", "key"]
+__all__ = ["IDLE_S", "RETURN_S", "Host", "ProducerHost", "borrow", "forget", "give_back", "idle_pids", "key",
+           "release_idle"]

@@ -61,6 +61,9 @@ class Lease:
             if _leases == 0 and _started:
                 import ray
 
+                from . import hosts
+
+                hosts.forget()  # its threads make no Ray call from here on: the hosts go with Ray
                 _started = False
                 with contextlib.suppress(Exception):
                     ray.shutdown()

@@ -31,10 +31,10 @@ NOTE [supervision]
            its host goes back to the pool. No task is lost or repeated by either.
   ray      If Ray itself dies, the producers die with it and no replacement
            starts: ``raise_if_failed`` says so within ``RAY_LOST_S``.
-  stop     The feed closes the ring (every ``serve()`` returns), then
-           ``stop()`` gives the hosts back to the pool (those still finishing
-           a batch once their ``serve()`` returns), kills the rest and waits,
-           boundedly, for their pids.
+  stop     The feed closes the ring (every ``serve()`` returns once its batch
+           in hand is done), then ``stop()`` gives the hosts whose ``serve()``
+           returned within ``hosts.RETURN_S`` back to the pool, kills the rest
+           and waits, boundedly, for their pids.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ _SETTLE_S = 2.0         # a live producer's take in progress ends in nanoseconds
 START_S = 300.0         # the first producer must be up by then
 RAY_LOST_S = 30.0       # no producer alive and none starting for this long: Ray is gone
 AUTOTUNE_S = 0.5        # the autotune controller's window
+JUDGE_S = 1.5           # ... and the window that judges a change: a 0.5 s one is noise on a busy machine
 KILLS_PER_BATCH = 3     # a batch whose producer died this often is the culprit: it fails the feed
 
 
@@ -300,19 +301,15 @@ class Supervisor(threading.Thread):
             for pid in {pid for p in self.positions for pid in p.pids}:
                 wait_dead(pid, polite_s=0.0)
             return
+        self._collect_returns()
         killed: set[int] = set()
         for p in self.positions:
             host, p.host = p.host, None
-            if p.actor is None or host is None:
+            if p.actor is None:
                 continue
-            if p.ready_ref is not None:  # still starting: pooled once it started and saw the ring closed
-                hosts.give_back_when_done(self._pool_key, host, start_ref=p.ready_ref)
-            elif p.finished:
+            if host is not None and p.finished and p.ready_ref is None:
                 hosts.give_back(self._pool_key, host)  # it detached the ring before its serve() returned
-            elif p.serve_ref is not None:
-                # Still making the batch it had when the ring closed: pooled once serve() returns.
-                hosts.give_back_when_done(self._pool_key, host, serve_ref=p.serve_ref)
-            else:
+            else:  # still starting, or not back from its last batch in time: not worth waiting for
                 if p.pid is not None:
                     killed.add(p.pid)
                 with contextlib.suppress(Exception):
@@ -320,6 +317,20 @@ class Supervisor(threading.Thread):
             p.actor = None
         for pid in killed:
             wait_dead(pid, polite_s=2.0)
+
+    def _collect_returns(self) -> None:
+        """The ring is closed: each serve() returns once its batch in hand is done. Give them
+        ``hosts.RETURN_S`` together; those that returned go back to the pool."""
+        serving = {p.serve_ref: p for p in self.positions if p.serve_ref is not None and p.ready_ref is None}
+        if not serving:
+            return
+        with contextlib.suppress(Exception):
+            done, _ = self._ray.wait(list(serving), num_returns=len(serving), timeout=hosts.RETURN_S)
+            for ref in done:
+                p = serving[ref]
+                with contextlib.suppress(Exception):
+                    self._ray.get(ref, timeout=1)
+                    p.serve_ref, p.finished = None, True  # it returned (a death raised above)
 
     # ---- the watch thread -----------------------------------------------------
 
@@ -388,7 +399,7 @@ class Supervisor(threading.Thread):
             self._window = (now, batches, wait, IdleCores())
             return
         t0, b0, w0, idle = self._window
-        if now - t0 < AUTOTUNE_S:
+        if now - t0 < (JUDGE_S if self.controller.judging else AUTOTUNE_S):
             return
         from .autotune import Window
 

@@ -152,6 +152,9 @@ def ray_session():
     try:
         yield ray
     finally:
+        hosts = sys.modules.get("pyshmfeed.hosts")
+        if hosts is not None:
+            hosts.forget()  # the warm producer hosts go with Ray
         ray.shutdown()
 
 

@@ -255,7 +255,6 @@ def assert_nothing_left(ray, feed: Feed, pids: list[int], actors: list, fds_befo
     maps no segment (NOTE [warm producers]); once the pool is released, no producer process, no live
     actor, no ring mapping or fd, and Ray's CPUs all free again."""
     assert pids, "the test should have seen the producers' pids"
-    hosts.settle()  # producers still finishing a batch when the ring closed join the pool or die
     idle = hosts.idle_pids()
     running = [pid for pid in pids if process_alive(pid) and pid not in idle]
     assert not running, f"producer processes still running after close(), not back in the pool: {running}"

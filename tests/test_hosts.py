@@ -50,7 +50,6 @@ def test_a_second_feed_runs_in_the_first_one_s_processes_and_makes_its_own_batch
         wait_until(lambda: all_started(first), 120, "both producers started")
         assert epoch_indices(first) == list(range(LENGTH))
         first_pids = running_pids(first)
-    hosts.settle()
     idle = hosts.idle_pids()
     assert first_pids <= idle, "a cleanly closed feed's producers go back to the pool"
     assert not [pid for pid in idle if maps_a_ring(pid)], "a host in the pool maps no ring"
@@ -63,15 +62,14 @@ def test_a_second_feed_runs_in_the_first_one_s_processes_and_makes_its_own_batch
     assert second_pids == first_pids, "the second feed borrowed the warm hosts instead of starting actors"
 
 
-def test_a_feed_closed_mid_batch_returns_its_hosts_once_their_batch_ends(ray_session):
+def test_a_feed_closed_mid_batch_pools_its_hosts_once_their_batch_ends(ray_session):
     feed = Feed(SPEC, fill=slow_fill, length=200, workers=2, slots=4, prefetch=1)
     wait_until(lambda: all_started(feed), 120, "both producers started")
     batches = feed.epoch(0)
     next(batches)
     pids = running_pids(feed)
     batches.close()
-    feed.close()  # the producers are inside slow_fill: close does not wait for them
-    hosts.settle()
+    feed.close()  # the producers are inside slow_fill: close gives them hosts.RETURN_S to finish it
     assert pids <= hosts.idle_pids()
     # The next feed works in them, and sees none of the old feed's batches.
     with Feed(SPEC, fill=fill, length=LENGTH, workers=2) as again:
@@ -85,7 +83,6 @@ def test_a_host_whose_producer_was_killed_never_goes_back(ray_session):
         os.kill(victim, signal.SIGKILL)
         assert sorted(epoch_indices(feed)) == list(range(30))  # the replacement carries on
         pids = set(producer_pids(feed))
-    hosts.settle()
     assert victim in pids and not process_alive(victim)
     assert victim not in hosts.idle_pids()
 
@@ -95,13 +92,11 @@ def test_other_options_release_idle_hosts_and_release_producers_kills_them(ray_s
         wait_until(lambda: all_started(feed), 120, "both producers started")
         epoch_indices(feed)
         quarter = running_pids(feed)
-    hosts.settle()
     assert quarter <= hosts.idle_pids()
     with Feed(SPEC, fill=fill, length=LENGTH, workers=1, num_cpus=0.5) as other:
         assert epoch_indices(other) == list(range(LENGTH))
         assert not quarter & running_pids(other)
         assert not [pid for pid in quarter if process_alive(pid)], "idle hosts of other options are killed"
-    hosts.settle()
     idle = hosts.idle_pids()
     assert idle and sorted(release_producers()) == sorted(idle)
     assert not [pid for pid in idle if process_alive(pid)]
@@ -114,7 +109,6 @@ def test_idle_hosts_are_killed_after_idle_s(ray_session, monkeypatch):
         wait_until(lambda: all_started(feed), 120, "both producers started")
         epoch_indices(feed)
         pids = running_pids(feed)
-    hosts.settle()
     wait_until(lambda: not any(process_alive(pid) for pid in pids), 30, "idle hosts killed after IDLE_S")
     assert hosts.idle_pids() == set()
 
@@ -127,7 +121,6 @@ def test_feeds_in_a_loop_reuse_hosts_and_every_epoch_is_exact(ray_session):
             got = np.array([int(b["x"][0]) for b in feed.epoch(0)])
             assert (got == 100 * round_ + np.arange(LENGTH)).all()
             seen |= set(producer_pids(feed))
-        hosts.settle()
     assert len(seen) < 8, f"four feeds of two producers started {len(seen)} processes: the pool was not used"
 
 

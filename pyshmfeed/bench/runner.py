@@ -106,6 +106,9 @@ class RayHost:
         if self.started:
             import ray
 
+            from .. import hosts
+
+            hosts.forget()  # the warm producer hosts go with Ray: no thread of the pool may call it after
             ray.shutdown()
             self.started = False
 
