@@ -99,7 +99,9 @@ class Window:
 
     @property
     def wait_fraction(self) -> float:
-        return self.loop_wait_s / self.seconds if self.seconds > 0 else 0.0
+        # A wait is counted when its batch comes, so one begun before the window can make the sum
+        # exceed the window: at most all of it.
+        return min(1.0, self.loop_wait_s / self.seconds) if self.seconds > 0 else 0.0
 
     @property
     def busy_fraction(self) -> float:
@@ -173,7 +175,9 @@ class Controller:
             room = min(self._ceiling, self.max_workers) - workers
             # The loop's wait says how far behind producers are: ask for that much more, capped.
             want = max(1, math.ceil(workers * w.wait_fraction / max(1e-3, 1 - w.wait_fraction)))
-            add = min(room, want, max(1, workers))
+            # At most triple per step: a loop waiting most of its time gets there in two steps, and
+            # a step that overshoots (CPU-bound) is judged and taken back like any other.
+            add = min(room, want, max(1, 2 * workers))
             self._trial = (add, w.rate, w.wait_fraction)
             return self._record(add, workers, (
                 f"loop waited {1e3 * w.loop_wait_s / max(1, w.batches):.1f} ms/batch "
