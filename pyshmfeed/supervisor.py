@@ -45,7 +45,7 @@ from . import errors, raylife, registry
 from ._ffi import lib
 from .procs import wait_dead
 from .producer import Producer
-from .ring import CLOSE_FAILED, CLOSE_PRODUCER_ERROR, Ring, process_alive
+from .ring import CLOSE_FAILED, CLOSE_PRODUCER_ERROR, Ring
 from .spec import BatchSpec
 from .work import JOB_RESUME, Job, TaskIndex, WorkArea
 
@@ -242,7 +242,7 @@ class Supervisor(threading.Thread):
         """Wait (briefly) until no live producer is inside a take (NOTE [work hand-out])."""
         deadline = time.monotonic() + _SETTLE_S
         for p in self.positions:
-            if p.pid is None or not process_alive(p.pid):
+            if p.pid is None or not registry.is_alive(p.pid):
                 continue
             while self.work.record(p.worker).intent and time.monotonic() < deadline:
                 time.sleep(0.0005)
@@ -346,7 +346,7 @@ class Supervisor(threading.Thread):
         for p in self.positions:
             if not p.active:
                 continue
-            if p.pid is not None and not p.finished and not process_alive(p.pid):
+            if p.pid is not None and not p.finished and not registry.is_alive(p.pid):
                 self._on_death(p)
             elif p.pid is not None and self.lease is not None and not p.finished:
                 rec = self.work.record(p.worker)

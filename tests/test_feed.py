@@ -20,9 +20,8 @@ import numpy as np
 import pytest
 
 import pyshmfeed.feed as feed_module
-from pyshmfeed import Batch, BatchSpec, Feed, SourceContext
+from pyshmfeed import Batch, BatchSpec, Feed, SourceContext, registry
 from pyshmfeed.errors import InvalidArgument, NoSpace, ProducerError, RingClosed
-from pyshmfeed.ring import process_alive
 from pyshmfeed.source import copy_batch_into, write_indexed_batch
 from pyshmfeed.spec import SlotLayout
 
@@ -234,7 +233,7 @@ def wait_until(check, timeout: float = 15.0, what: str = "") -> None:
 def assert_nothing_left(ray, feed: Feed, pids: list[int], actors: list, fds_before: list[str]) -> None:
     """No producer process, no live actor, no ring mapping or fd, Ray's CPUs all free again."""
     assert pids, "the test should have seen the producers' pids"
-    dead = [pid for pid in pids if process_alive(pid)]
+    dead = [pid for pid in pids if registry.is_alive(pid)]
     assert not dead, f"producer processes still running after close(): {dead}"
     for actor in actors:
         with pytest.raises(ray.exceptions.RayActorError):
@@ -404,7 +403,7 @@ def test_every_shutdown_path_leaves_no_actor_process_or_segment(ray_session, how
 
     def remember(feed):
         seen["feed"], seen["pids"], seen["actors"] = feed, producer_pids(feed), producer_actors(feed)
-        assert all(process_alive(pid) for pid in seen["pids"])
+        assert all(registry.is_alive(pid) for pid in seen["pids"])
         assert len(ring_fds()) == len(fds_before) + 1  # the ring's fd, memfd or named
 
     if how == "normal":
