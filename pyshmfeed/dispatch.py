@@ -393,7 +393,7 @@ class Dispatcher(threading.Thread):
         return max(self._shard_skip.get(worker, 0), max(positions) + 1 if positions else 0)
 
 
-def is_actor_death(ray, exc: BaseException) -> bool:
+def is_actor_death(ray: Any, exc: BaseException) -> bool:
     from ray import exceptions as rex
 
     return isinstance(exc, (rex.RayActorError, rex.WorkerCrashedError, rex.ActorDiedError,

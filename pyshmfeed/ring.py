@@ -139,7 +139,7 @@ class Ring:
     ``detach()``; detaching twice is harmless.
     """
 
-    def __init__(self, _ptr, *, owner: int | None = None, debug_views: bool | None = None) -> None:
+    def __init__(self, _ptr: Any, *, owner: int | None = None, debug_views: bool | None = None) -> None:
         base = ffi.new("uint8_t **")
         check(lib.shmfeed_ring_base(_ptr, base), "reading ring base")
         # NOTE [mapping lifetime]: from here on the handle is freed by _base's finalizer, when
@@ -287,7 +287,7 @@ class Ring:
                                     "attach ring.handle there)", code=CLOSE_NORMAL)
         return ptr
 
-    def c_handle(self):
+    def c_handle(self) -> Any:
         """The C ring handle, for modules of this package that call more of the C core on it (work.py).
 
         Raises ``RingClosed`` once detached. Waits on it go through ``wait_in_c``.
@@ -525,7 +525,7 @@ class ProducerSlot:
 
     __slots__ = ("_ring", "_claim", "seq", "slot", "_done", "_commit_bytes")
 
-    def __init__(self, ring: Ring, claim) -> None:
+    def __init__(self, ring: Ring, claim: Any) -> None:  # claim: the C shmfeed_claimed
         self._ring = ring
         self._claim = claim
         self.seq: int = claim.seq
@@ -607,7 +607,7 @@ class ConsumerSlot:
 
     __slots__ = ("_ring", "_acq", "seq", "slot", "nbytes", "commit_ns", "_released")
 
-    def __init__(self, ring: Ring, acquired) -> None:
+    def __init__(self, ring: Ring, acquired: Any) -> None:  # acquired: the C shmfeed_acquired
         self._ring = ring
         self._acq = acquired
         self.seq: int = acquired.seq
