@@ -202,11 +202,11 @@ def assert_exactly_once_and_correct(got: list[tuple], expected: dict, epoch: int
 
 
 def producer_pids(feed: Feed) -> list[int]:
-    return [pid for p in feed._dispatcher.slots for pid in p.pids]
+    return [pid for p in feed._dispatcher.positions for pid in p.pids]
 
 
 def producer_actors(feed: Feed) -> list:
-    return [p.actor for p in feed._dispatcher.slots if p.actor is not None]
+    return [p.actor for p in feed._dispatcher.positions if p.actor is not None]
 
 
 def ring_fds() -> list[str]:
