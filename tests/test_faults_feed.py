@@ -43,9 +43,6 @@ import zlib
 
 import numpy as np
 import pytest
-
-from pyshmfeed import BatchSpec, Feed, cleanup, registry
-from pyshmfeed.producer import KILL_HOOK_ENV
 from test_feed import (
     LENGTH,
     assert_exactly_once_and_correct,
@@ -60,6 +57,9 @@ from test_feed import (
     take,
     wait_until,
 )
+
+from pyshmfeed import BatchSpec, Feed, cleanup, registry
+from pyshmfeed.producer import KILL_HOOK_ENV
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 SOAK = os.environ.get("PYSHMFEED_SOAK") == "1"

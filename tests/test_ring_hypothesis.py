@@ -22,7 +22,6 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from pyshmfeed import Ring
 from pyshmfeed._ffi import ffi
-from pyshmfeed.ring import SEGMENT_FIELDS
 from pyshmfeed.errors import (
     CorruptSegment,
     PayloadTooLarge,
@@ -31,6 +30,7 @@ from pyshmfeed.errors import (
     StaleClaim,
     WouldBlock,
 )
+from pyshmfeed.ring import SEGMENT_FIELDS
 
 PAGE = 4096
 MAX_SLOTS = 65536

@@ -14,8 +14,8 @@ import queue as queue_module
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
 from multiprocessing import shared_memory
+from typing import Any
 
 import numpy as np
 
