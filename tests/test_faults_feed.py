@@ -184,8 +184,9 @@ def test_a_producer_that_dies_at_any_step_loses_and_duplicates_nothing(ray_sessi
         got = take(timed(feed.epoch(0), waits), kind=kind)
         assert os.path.exists(marker), "the fault hook never fired: this test tested nothing"
         check_epoch(feed, kind, ordered, 0, got)
+        # Killed after its commit, it owed nothing: the epoch may end before the supervisor's next look.
+        wait_until(lambda: feed.stats()["restarts"] == 1, 60, "the death handled")
         stats = feed.stats()
-        assert stats["restarts"] == 1
         if kind != "shards":
             # The dead producer's unfinished work went to the others or its replacement.
             assert stats["reissued"] >= (0 if step == "after_commit" else 1)
