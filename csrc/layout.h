@@ -12,7 +12,8 @@
  *                       │     release events                         │
  *                       │   work area (work.c): task counter, posted │
  *                       │     event, two job descriptors, re-issue   │
- *                       │     queue, one record per producer         │
+ *                       │     queue, one record per producer; the    │
+ *                       │     unordered claim's sequence counter     │
  *   offset 8192         ├────────────────────────────────────────────┤
  *                       │ slot descriptors, 64 B each (own line):    │
  *                       │   word (gen|seq|state), owner, batch seq,  │
@@ -192,11 +193,22 @@ typedef struct shm_work {
     uint32_t reserved1[15];
     atomic_u64 queue[SHMFEED_REISSUE_CAP];   /* seq + 1 of a re-issued task; 0: empty */
     shm_record records[SHMFEED_MAX_PRODUCERS];
+    /* Unordered rings: the next batch sequence shmfeed_claim_next hands out, so
+     * that producers which name no sequence never produce the same one. Zero in
+     * a fresh segment (and in segments older than it: they never used it). */
+    atomic_u64 claim_seq;
+    uint64_t reserved2[7];
 } shm_work;
 
 static_assert(sizeof(shm_header) == SHMFEED_HEADER_BYTES, "header must fill exactly one page");
 static_assert(offsetof(shm_header, closed) == 88, "close flag offset is part of the layout");
 static_assert(offsetof(shm_header, close_msg) == 96, "close message offset is part of the layout");
+/* Python reads the header of a segment it does not attach (pyshmfeed cleanup) through the field table
+ * (shmfeed_layout_fields, segment.c); these must not move between layout versions, so that a segment of
+ * another version is still recognised and its creator named. */
+static_assert(offsetof(shm_header, magic) == 0 && offsetof(shm_header, version) == 8, "magic, version first");
+static_assert(offsetof(shm_header, creator_pid) == 72 && offsetof(shm_header, creator_uid) == 76,
+              "the creator's identity is read across layout versions");
 static_assert(sizeof(shm_producer_counters) == SHMFEED_CACHE_LINE, "producer counters: one cache line");
 static_assert(sizeof(shm_consumer_counters) == SHMFEED_CACHE_LINE, "consumer counters: one cache line");
 static_assert(sizeof(shm_event) == SHMFEED_CACHE_LINE, "event: one cache line");

@@ -40,6 +40,8 @@
 #include "ring_internal.h"
 
 #define SEQ_HALF (1ULL << (WORD_SEQ_BITS - 1))
+/* Internal stand-in for "the segment's next sequence" (shmfeed_claim_next): callers' seqs are <= WORD_SEQ_MASK. */
+#define NEXT_SEQ UINT64_MAX
 
 int is_closed(const shmfeed_ring *r) { return load_acquire32(&ring_header(r)->closed) != 0; }
 static int ordered(const shmfeed_ring *r) { return (r->flags & SHMFEED_ORDERED) != 0; }
@@ -155,6 +157,11 @@ SHMFEED_MUST_USE static int try_claim_slot(shmfeed_ring *r, uint32_t slot, uint6
         cas64(&d->owner, &mine, 0);
         return 0;
     }
+    /* Taken with the lock held and the slot still FREE, so a claim that waits or fails
+     * takes none; only a reclaim between here and the CAS below (a generation bump)
+     * loses one, leaving a gap as a producer that dies after its claim does. */
+    if (seq == NEXT_SEQ)
+        seq = add_relaxed64(&ring_work(r)->claim_seq, 1) & WORD_SEQ_MASK;
     store_relaxed64(&d->batch_seq, seq);
     if (!cas64(&d->word, &expected, claimed)) {
         cas64(&d->owner, &mine, 0); /* give the lock back unless reclaim already did */
@@ -243,20 +250,32 @@ SHMFEED_MUST_USE static int claim_unordered(shmfeed_ring *r, uint64_t seq, uint6
     }
 }
 
-SHMFEED_MUST_USE int shmfeed_claim(shmfeed_ring *r, uint64_t seq, uint64_t owner, int64_t timeout_ns,
+SHMFEED_MUST_USE static int claim(shmfeed_ring *r, uint64_t seq, uint64_t owner, int64_t timeout_ns,
                                    shmfeed_claimed *out)
 {
     wait_clock c;
-    int rc;
-    if (!r || !out || owner == 0 || seq > WORD_SEQ_MASK)
-        return SHMFEED_E_INVAL;
     clock_begin(&c, timeout_ns);
-    rc = ordered(r) ? claim_ordered(r, seq, owner, &c, out) : claim_unordered(r, seq, owner, &c, out);
+    int rc = ordered(r) ? claim_ordered(r, seq, owner, &c, out) : claim_unordered(r, seq, owner, &c, out);
     if (rc != SHMFEED_OK && shmfeed_backing_check(r, 0))
         return SHMFEED_E_CORRUPT; /* what it read was the SIGBUS guard's zeros, not the ring */
     shm_producer_counters *pc = &ring_counters(r)->producer;
     clock_account(&c, &pc->waits, &pc->wait_ns);
     return rc;
+}
+
+SHMFEED_MUST_USE int shmfeed_claim(shmfeed_ring *r, uint64_t seq, uint64_t owner, int64_t timeout_ns,
+                                   shmfeed_claimed *out)
+{
+    if (!r || !out || owner == 0 || seq > WORD_SEQ_MASK)
+        return SHMFEED_E_INVAL;
+    return claim(r, seq, owner, timeout_ns, out);
+}
+
+SHMFEED_MUST_USE int shmfeed_claim_next(shmfeed_ring *r, uint64_t owner, int64_t timeout_ns, shmfeed_claimed *out)
+{
+    if (!r || !out || owner == 0 || ordered(r))
+        return SHMFEED_E_INVAL;
+    return claim(r, NEXT_SEQ, owner, timeout_ns, out);
 }
 
 SHMFEED_MUST_USE static int check_claim(const shmfeed_ring *r, const shmfeed_claimed *c)

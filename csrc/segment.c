@@ -414,6 +414,40 @@ SHMFEED_MUST_USE int shmfeed_ring_retire(shmfeed_ring *r)
 uint32_t shmfeed_max_slots(void) { return SHMFEED_MAX_SLOTS; }
 uint64_t shmfeed_max_slot_bytes(void) { return SHMFEED_MAX_SLOT_BYTES; }
 
+/* The layout as Python reads it: every entry from offsetof/sizeof of layout.h's structs. */
+#define FIELD(prefix, type, base, f) {prefix #f, (uint32_t)((base) + offsetof(type, f)), sizeof(((type *)0)->f)}
+#define HEADER(f) FIELD("header.", shm_header, 0, f)
+#define PRODUCER(f) FIELD("producer.", shm_producer_counters, SHMFEED_COUNTERS_OFFSET + offsetof(shm_counters, producer), f)
+#define CONSUMER(f) FIELD("consumer.", shm_consumer_counters, SHMFEED_COUNTERS_OFFSET + offsetof(shm_counters, consumer), f)
+#define DESC(f) FIELD("desc.", shm_slot_desc, 0, f)
+static const shmfeed_field layout_fields[] = {
+    HEADER(magic), HEADER(version), HEADER(header_bytes), HEADER(segment_bytes), HEADER(slot_count),
+    HEADER(flags), HEADER(slot_bytes), HEADER(slot_stride), HEADER(desc_offset), HEADER(desc_stride),
+    HEADER(data_offset), HEADER(creator_pid), HEADER(creator_uid), HEADER(created_ns), HEADER(closed),
+    HEADER(close_code), HEADER(close_msg),
+    PRODUCER(claims), PRODUCER(commits), PRODUCER(commit_order), CONSUMER(acquires), CONSUMER(releases), CONSUMER(head),
+    {"desc", SHMFEED_DESC_OFFSET, sizeof(shm_slot_desc)},
+    DESC(word), DESC(owner), DESC(batch_seq), DESC(payload_len), DESC(claim_ns), DESC(commit_ns),
+    DESC(commit_order), DESC(waiters),
+};
+#undef FIELD
+#undef HEADER
+#undef PRODUCER
+#undef CONSUMER
+#undef DESC
+
+SHMFEED_MUST_USE int shmfeed_layout_fields(const shmfeed_field **out, uint32_t *n_out)
+{
+    if (!out || !n_out)
+        return SHMFEED_E_INVAL;
+    *out = layout_fields;
+    *n_out = (uint32_t)(sizeof layout_fields / sizeof layout_fields[0]);
+    return SHMFEED_OK;
+}
+
+uint64_t shmfeed_layout_magic(void) { return SHMFEED_MAGIC; }
+uint32_t shmfeed_layout_version(void) { return SHMFEED_LAYOUT_VERSION; }
+
 SHMFEED_MUST_USE int shmfeed_ring_create(uint32_t slot_count, uint64_t slot_bytes, uint32_t flags,
                                          shmfeed_ring **out, char *err, size_t errlen)
 {

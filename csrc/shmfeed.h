@@ -129,6 +129,11 @@ int shmfeed_memory_available(uint32_t flags, uint64_t *out);
 
 int shmfeed_claim(shmfeed_ring *ring, uint64_t seq, uint64_t owner, int64_t timeout_ns,
                   shmfeed_claimed *out);
+/* Unordered rings: claim a free slot for the next sequence of a counter kept in
+ * the segment (out->seq), so that every process attached gets distinct ones. The
+ * sequence is taken with the slot, not before the wait: a wait that times out
+ * uses none. SHMFEED_E_INVAL on an ordered ring (name the batch: shmfeed_claim). */
+int shmfeed_claim_next(shmfeed_ring *ring, uint64_t owner, int64_t timeout_ns, shmfeed_claimed *out);
 int shmfeed_commit(shmfeed_ring *ring, const shmfeed_claimed *claim, uint64_t payload_len);
 int shmfeed_abort(shmfeed_ring *ring, const shmfeed_claimed *claim);
 
@@ -242,5 +247,24 @@ int shmfeed_ring_check_backing(const shmfeed_ring *ring, char *err, size_t errle
 /* The limits shmfeed_ring_create enforces, so the layers above check the same ones. */
 uint32_t shmfeed_max_slots(void);
 uint64_t shmfeed_max_slot_bytes(void);
+
+/* ---- the segment layout, for code that reads a segment without attaching it ---- */
+
+/* One field of the segment (csrc/layout.h), as offsetof/sizeof give it. Names are
+ * "header.<field>", "producer.<field>" and "consumer.<field>" (counters; offset
+ * from the segment's start), "desc"
+ * (slot 0's descriptor: offset and size, i.e. the stride) and "desc.<field>"
+ * (offset within a descriptor). */
+typedef struct shmfeed_field {
+    const char *name;
+    uint32_t offset;
+    uint32_t size;
+} shmfeed_field;
+/* The table of every field, and its length: the one description of the layout
+ * the Python side reads (pyshmfeed cleanup, tests that write into a segment). */
+int shmfeed_layout_fields(const shmfeed_field **out, uint32_t *n_out);
+/* SHMFEED_MAGIC, the first 8 bytes of every segment, and SHMFEED_LAYOUT_VERSION. */
+uint64_t shmfeed_layout_magic(void);
+uint32_t shmfeed_layout_version(void);
 
 #endif /* SHMFEED_H */

@@ -7,6 +7,8 @@ GIL around every call into ``lib``, so waits in C never block other threads.
 
 from __future__ import annotations
 
+from typing import Any
+
 from . import errors
 
 try:
@@ -44,7 +46,7 @@ def error_for(rc: int, what: str, detail: str = "") -> errors.ShmfeedError:
     return cls(message)
 
 
-def check(rc: int, what: str, err=None) -> int:
+def check(rc: int, what: str, err: Any = None) -> int:
     """Raise the typed exception for a negative status; return ``rc`` otherwise.
 
     ``err`` is the char buffer a C call wrote its explanation into, if any.

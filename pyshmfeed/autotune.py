@@ -33,6 +33,7 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import errors
@@ -194,7 +195,8 @@ class Controller:
         return change
 
 
-def ring_slots(*, slot_bytes: int, budget: int | None, want: int, at_least: int, size_for) -> int:
+def ring_slots(*, slot_bytes: int, budget: int | None, want: int, at_least: int,
+               size_for: Callable[[int], int]) -> int:
     """Slots for the ring: ``want``, fewer if ``budget`` bytes cannot hold them, never below ``at_least``.
 
     ``size_for(slots)`` is the segment size of a ring with that many slots (``Ring.size_for``).

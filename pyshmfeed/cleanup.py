@@ -27,16 +27,17 @@ import json
 import os
 import shutil
 import signal
-import struct
 from dataclasses import dataclass, field
 
 from . import registry
+from .ring import SEGMENT_FIELDS, SEGMENT_MAGIC
 
 HELP = "remove segments and records that crashed pyshmfeed processes left behind"
 
 SHM_DIR = "/dev/shm"
-_MAGIC = 0x314445454648534D  # csrc/layout.h SHMFEED_MAGIC
-_HEAD = struct.Struct("<Q4xI56xII")  # magic @0, header_bytes @12 (skipped), creator pid @72, uid @76
+# Where the header says what a segment is and who made it: from the C core's layout table, which
+# pins these fields across layout versions (csrc/layout.h), so a segment of another version is named too.
+_IDENTITY = ("header.magic", "header.creator_pid", "header.creator_uid")
 
 
 @dataclass
@@ -55,21 +56,26 @@ class Leftovers:
 
 
 def segment_creator(path: str) -> tuple[int, int] | None:
-    """``(creator pid, creator uid)`` from a named segment's header, or None if it is not a ring."""
+    """``(creator pid, creator uid)`` from a named segment's header, or None if it is not a ring.
+
+    Read from the file, not attached: the segment may be of another layout version, or half written.
+    """
+    fields = [SEGMENT_FIELDS[name] for name in _IDENTITY]
+    end = max(offset + size for offset, size in fields)
     try:
         with open(path, "rb") as f:
-            head = f.read(_HEAD.size)
+            head = f.read(end)
     except OSError:
         return None
-    if len(head) < _HEAD.size:
+    if len(head) < end:
         return None
-    magic, _, pid, uid = _HEAD.unpack(head)
-    return (pid, uid) if magic == _MAGIC else None
+    magic, pid, uid = (int.from_bytes(head[offset: offset + size], "little") for offset, size in fields)
+    return (pid, uid) if magic == SEGMENT_MAGIC else None
 
 
 def _runs_as(pid: int, uid: int) -> bool:
     """A live (non-zombie) process ``pid`` runs with real uid ``uid``."""
-    if not registry.is_alive(pid, None):
+    if not registry.is_alive(pid):
         return False
     try:
         with open(f"/proc/{pid}/status") as f:

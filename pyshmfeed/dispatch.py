@@ -20,12 +20,15 @@ from typing import Any, Callable
 from . import errors
 from .procs import wait_dead
 from .producer import Producer
-from .ring import CLOSE_FAILED, CLOSE_PRODUCER_ERROR, Ring, process_alive
+from .registry import is_alive
+from .ring import CLOSE_FAILED, CLOSE_PRODUCER_ERROR, Ring
 from .spec import BatchSpec
 
 
-class ProducerSlot:
-    """One producer position: the current actor incarnation and its calls in flight."""
+class ProducerPosition:
+    """One producer position (worker number): its current actor incarnation and its calls in flight.
+
+    Not ``ring.ProducerSlot``, which is a claimed slot of the ring."""
 
     def __init__(self, worker: int) -> None:
         self.worker = worker
@@ -87,13 +90,13 @@ class Dispatcher(threading.Thread):
 
             self._cluster = ClusterPlacement(ring=ring, spec=spec, kind=kind, fn=fn, workers=workers, seed=seed,
                                              placement=placement, options=options, actor_options=actor_options)
-        self.slots = [ProducerSlot(w) for w in range(workers)]
-        for p in self.slots:
+        self.positions = [ProducerPosition(w) for w in range(workers)]
+        for p in self.positions:
             self._start_actor(p)
         # Wait for the first producer to attach, so start-up errors (a source that does not
         # unpickle, a ring that cannot be attached) surface here, in __init__. The others join
         # as they come up (_on_started): the first batch need not wait for the slowest start.
-        starting = {p.ready_ref: p for p in self.slots}
+        starting = {p.ready_ref: p for p in self.positions}
         done, _ = ray.wait(list(starting), num_returns=1, timeout=300)
         if not done:
             raise errors.ShmfeedError("no producer started within 300 s; is the Ray cluster out of CPUs? "
@@ -106,7 +109,7 @@ class Dispatcher(threading.Thread):
         p.identity, p.ready_ref = ident, None
         p.pids.append(ident["pid"])
 
-    def _start_actor(self, p: ProducerSlot) -> None:
+    def _start_actor(self, p: ProducerPosition) -> None:
         if self._cluster is not None:
             p.actor = self._cluster.start_actor(p.worker)
         else:
@@ -127,38 +130,38 @@ class Dispatcher(threading.Thread):
         with self._lock:
             self._shard_epoch = epoch
             self._shard_skip = dict(skip)
-            for p in self.slots:
+            for p in self.positions:
                 p.shard_epoch, p.shard_count = epoch, None
 
     def shard_total(self) -> int | None:
         """Batches in this shard epoch, once every shard has finished; None before."""
         with self._lock:
-            counts = [p.shard_count for p in self.slots]
+            counts = [p.shard_count for p in self.positions]
         return None if any(c is None for c in counts) else sum(c for c in counts if c is not None)
 
     def cancel_pending(self) -> None:
         """Drop work not yet handed out (the loop abandoned the epoch)."""
         with self._lock:
             self._pending = collections.deque(t for t in self._pending if t[0] in self._dispatched)
-            for p in self.slots:
+            for p in self.positions:
                 if p.shard_epoch is not None and p.shard_ref is None:
                     p.shard_epoch = None
 
     def shards_unfinished(self) -> bool:
         """Whether a shard of the current shard epoch is running, or restarting after a death."""
         with self._lock:
-            return any(p.shard_epoch is not None and p.shard_count is None for p in self.slots)
+            return any(p.shard_epoch is not None and p.shard_count is None for p in self.positions)
 
     def still_in_flight(self, seqs: set[int]) -> set[int]:
         """Those of ``seqs`` held by a producer call that has not returned (it may still be lost)."""
         with self._lock:
-            return seqs & {t[0] for p in self.slots for ts, _ in p.inflight.values() for t in ts}
+            return seqs & {t[0] for p in self.positions for ts, _ in p.inflight.values() for t in ts}
 
     def outstanding(self, delivered: set[int]) -> list[int]:
         """Sequences handed out to producers but not delivered (to drain)."""
         while True:
             with self._lock:
-                shard_running = any(p.shard_ref is not None for p in self.slots)
+                shard_running = any(p.shard_ref is not None for p in self.positions)
                 if not shard_running:
                     return sorted(self._dispatched - delivered)
             self.raise_if_failed()
@@ -174,14 +177,14 @@ class Dispatcher(threading.Thread):
 
     def producer_counts(self) -> dict[str, int]:
         """Producers running (started, taking work) and starting (Ray is starting them) now."""
-        running = sum(p.identity is not None for p in self.slots)
-        return {"running": running, "starting": len(self.slots) - running}
+        running = sum(p.identity is not None for p in self.positions)
+        return {"running": running, "starting": len(self.positions) - running}
 
     def summary(self) -> dict[str, Any]:
         s = {"restarts": self.restarts, "reissued": self.reissued, "producer_busy_s": self._busy_s,
              "producer_wall_s": time.perf_counter() - self._t0}
         if self._cluster is not None:
-            s.update(self._cluster.summary([p.identity for p in self.slots]))  # remote batches, ingest copies
+            s.update(self._cluster.summary([p.identity for p in self.positions]))  # remote batches, ingest copies
         return s
 
     def stop(self) -> None:
@@ -189,7 +192,7 @@ class Dispatcher(threading.Thread):
         if self.is_alive() and threading.current_thread() is not self:
             self.join(timeout=10)
         # Producers still starting: learn their pids, so we can make sure they are gone.
-        pending = {p.ready_ref: p for p in self.slots if p.ready_ref is not None}
+        pending = {p.ready_ref: p for p in self.positions if p.ready_ref is not None}
         if pending:
             done, _ = self._ray.wait(list(pending), num_returns=len(pending), timeout=10)
             for ref in done:
@@ -197,15 +200,15 @@ class Dispatcher(threading.Thread):
                     pending[ref].pids.append(self._ray.get(ref)["pid"])
                 except Exception:
                     pass  # it died starting: nothing to wait for
-        pids = [pid for p in self.slots for pid in p.pids if pid is not None]  # None: on another node
-        for p in self.slots:
+        pids = [pid for p in self.positions for pid in p.pids if pid is not None]  # None: on another node
+        for p in self.positions:
             if p.actor is not None:
                 try:
                     self._ray.kill(p.actor, no_restart=True)
                 except Exception:
                     pass
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(process_alive(pid) for pid in pids):
+        while time.monotonic() < deadline and any(is_alive(pid) for pid in pids):
             time.sleep(0.05)
         if self._cluster is not None:
             self._cluster.stop()  # the ingest, once no producer can call it
@@ -240,9 +243,9 @@ class Dispatcher(threading.Thread):
             # that wait, it would stall the loop until a replacement producer has started.
             limit = None
             if self.ordered and self._pending:
-                in_flight = [t[0] for q in self.slots for ts, _ in q.inflight.values() for t in ts]
+                in_flight = [t[0] for q in self.positions for ts, _ in q.inflight.values() for t in ts]
                 limit = min(in_flight + [self._pending[0][0]]) + self.ring.slots
-            for p in self.slots:
+            for p in self.positions:
                 if p.identity is None:
                     continue
                 if p.shard_epoch is not None and p.shard_ref is None and p.shard_count is None:
@@ -270,8 +273,8 @@ class Dispatcher(threading.Thread):
 
     def _collect(self) -> None:
         ray = self._ray
-        by_ref = {ref: p for p in self.slots for ref in p.inflight}
-        starting = {p.ready_ref: p for p in self.slots if p.ready_ref is not None}
+        by_ref = {ref: p for p in self.positions for ref in p.inflight}
+        starting = {p.ready_ref: p for p in self.positions if p.ready_ref is not None}
         refs = list(by_ref) + list(starting)
         if not refs:
             self._stopping.wait(0.05)
@@ -284,7 +287,7 @@ class Dispatcher(threading.Thread):
                 self._on_result(by_ref[ref], ref)
         self._check_leases()
 
-    def _on_started(self, p: ProducerSlot, ref) -> None:
+    def _on_started(self, p: ProducerPosition, ref) -> None:
         try:
             ident = self._ray.get(ref)
         except Exception:
@@ -294,7 +297,7 @@ class Dispatcher(threading.Thread):
             p.identity, p.ready_ref = ident, None
             p.pids.append(ident["pid"])
 
-    def _on_result(self, p: ProducerSlot, ref) -> None:
+    def _on_result(self, p: ProducerPosition, ref) -> None:
         try:
             result = self._ray.get(ref)
         except Exception as exc:
@@ -327,7 +330,7 @@ class Dispatcher(threading.Thread):
         if self.lease is None:
             return
         now = time.monotonic()
-        for p in self.slots:
+        for p in self.positions:
             if p.shard_ref is not None:
                 continue  # a shard runs a whole epoch: no per-call lease
             if any(now - started > self.lease for _, started in p.inflight.values()):
@@ -336,7 +339,7 @@ class Dispatcher(threading.Thread):
                 wait_dead(p.pids[-1] if p.pids else None)
                 self._on_death(p)
 
-    def _on_death(self, p: ProducerSlot) -> None:
+    def _on_death(self, p: ProducerPosition) -> None:
         """Reclaim a dead producer's slots, re-issue its unfinished work, start a replacement."""
         if p.identity is not None:
             # Ray may report an actor dead (ray.kill) before its process is gone: one that still
@@ -390,7 +393,7 @@ class Dispatcher(threading.Thread):
         return max(self._shard_skip.get(worker, 0), max(positions) + 1 if positions else 0)
 
 
-def is_actor_death(ray, exc: BaseException) -> bool:
+def is_actor_death(ray: Any, exc: BaseException) -> bool:
     from ray import exceptions as rex
 
     return isinstance(exc, (rex.RayActorError, rex.WorkerCrashedError, rex.ActorDiedError,

@@ -29,19 +29,10 @@ import os
 from typing import Any
 
 from . import errors, registry
-from ._ffi import ERR_BYTES, check, ffi, lib
+from ._ffi import lib
+from .ring import Ring
 
 HELP = "list this user's live rings: geometry, counters, slot states, owners, occupancy"
-
-
-def _attach_quietly(path: str):
-    """Attach without leaving a registry record: inspect is an observer, not a producer."""
-    from .ring import Ring
-
-    out = ffi.new("shmfeed_ring **")
-    err = ffi.new("char[]", ERR_BYTES)
-    check(lib.shmfeed_ring_attach(path.encode(), out, err, ERR_BYTES), f"attaching ring {path}", err)
-    return Ring(out[0])
 
 
 def _cmdline(pid: int) -> str:
@@ -54,7 +45,7 @@ def _cmdline(pid: int) -> str:
 
 def held_claims(path: str) -> dict[int, list[int]]:
     """Owner token -> the slots it holds (claimed, or its owner lock on a free slot) in the ring at ``path``."""
-    ring = _attach_quietly(path)
+    ring = Ring.attach(path, register=False)  # an observer: no registry record
     try:
         held: dict[int, list[int]] = {}
         for i in range(ring.slots):
@@ -83,13 +74,13 @@ def describe(entry: dict[str, Any], now_ns: int) -> dict[str, Any] | None:
         out["error"] = "no live process of this ring holds a descriptor of it that this user can open"
         return out
     try:
-        ring = _attach_quietly(entry["path"])
+        ring = Ring.attach(entry["path"], register=False)
     except errors.ShmfeedError as exc:
         out["error"] = f"{type(exc).__name__}: {exc}"
         return out
     try:
         code, reason = ring.close_reason()
-        out.update(slots=ring.slots, slot_bytes=ring.slot_bytes, nbytes=ring.nbytes,
+        out.update(slots=ring.slots, slot_bytes=ring.slot_bytes, segment_bytes=ring.segment_bytes,
                    ordered=ring.ordered, closed=bool(code), close_code=code, close_reason=reason,
                    counters=ring.counters(), occupancy=ring.occupancy(), producers=[
                        {"pid": a["pid"], "owner": f"{a['owner']:#x}", "alive": a["alive"]} for a in entry["attached"]])
@@ -137,7 +128,7 @@ def _print(rings: list[dict[str, Any]], dead: int, max_slots: int) -> None:
             continue
         mode = "ordered" if r["ordered"] else "unordered"
         state = f"closed (code {r['close_code']}: {r['close_reason'] or 'no reason'})" if r["closed"] else "open"
-        print(f"  {r['backing']}, {mode}, {r['slots']} slots x {r['slot_bytes']} B = {r['nbytes'] / 2**20:.1f} MiB, "
+        print(f"  {r['backing']}, {mode}, {r['slots']} slots x {r['slot_bytes']} B = {r['segment_bytes'] / 2**20:.1f} MiB, "
               f"{state}")
         occ = r["occupancy"]
         print("  occupancy: " + ", ".join(f"{k} {v}" for k, v in occ.items()))

@@ -6,7 +6,7 @@ import os
 import signal
 import time
 
-from .ring import process_alive
+from .registry import is_alive
 
 
 def wait_dead(pid: int | None, polite_s: float = 1.0) -> None:
@@ -18,13 +18,13 @@ def wait_dead(pid: int | None, polite_s: float = 1.0) -> None:
     if pid is None:
         return
     deadline = time.monotonic() + polite_s
-    while process_alive(pid) and time.monotonic() < deadline:
+    while is_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.02)
-    if process_alive(pid):
+    if is_alive(pid):
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             return
     deadline = time.monotonic() + 10
-    while process_alive(pid) and time.monotonic() < deadline:
+    while is_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.02)

@@ -82,7 +82,7 @@ class Producer:
 
     def _consumer_gone(self) -> bool:
         # A zombie counts as gone: a SIGKILLed training process stays one until its parent reaps it.
-        return not registry.is_alive(self.consumer_pid, None)
+        return not registry.is_alive(self.consumer_pid)
 
     def _maybe_die(self, step: str) -> None:
         if self._kill_at is None or self._kill_at[:2] != (step, self._batches):

@@ -32,6 +32,8 @@ from .spec import BatchSpec
 if TYPE_CHECKING:
     import ray.data
 
+    from .source import SourceContext
+
 
 class DatasetShards:
     """A picklable ``shards`` source over a Ray Dataset (or its ``streaming_split`` iterators).
@@ -53,7 +55,7 @@ class DatasetShards:
         self.drop_last = drop_last
         self.iter_options = dict(iter_options or {})
 
-    def __call__(self, worker: int, num_workers: int, ctx) -> Any:
+    def __call__(self, worker: int, num_workers: int, ctx: SourceContext) -> Any:
         if self.split:
             iterable = self.source[worker]
         else:

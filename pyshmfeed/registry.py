@@ -74,8 +74,10 @@ def process_start_time(pid: int) -> int | None:
         return None
 
 
-def is_alive(pid: int, start_time: int | None) -> bool:
-    """``pid`` runs and is the same process that wrote the record (not a zombie, not a reused pid)."""
+def is_alive(pid: int, start_time: int | None = None) -> bool:
+    """``pid`` runs: it exists and is not a zombie (a SIGKILLed process stays one until its parent reaps it,
+    and can do nothing more), and, given the ``start_time`` a record holds, it is the same process that
+    wrote the record, not a reused pid. The package's one liveness check."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             tail = f.read().rsplit(b")", 1)[1].split()
@@ -123,7 +125,7 @@ def record(ring: Any, role: str, backing: str = "") -> str | None:
         }
         if role == "creator":
             payload.update(backing=backing, slots=ring.slots, slot_bytes=ring.slot_bytes,
-                           slot_stride=ring.slot_stride, nbytes=ring.nbytes, ordered=ring.ordered)
+                           slot_stride=ring.slot_stride, segment_bytes=ring.segment_bytes, ordered=ring.ordered)
             return _write_json(folder, RING_RECORD, payload)
         return _write_json(folder, f"{pid}-{ring.owner:x}.json", payload)
     except Exception:  # noqa: BLE001 - advisory: an unusable registry only makes the ring unlisted

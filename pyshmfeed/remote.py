@@ -123,7 +123,7 @@ class RemoteRing:
 
     slots = 1
 
-    def __init__(self, handle: RingHandle, ingest, window: int = REMOTE_WINDOW) -> None:
+    def __init__(self, handle: RingHandle, ingest: Any, window: int = REMOTE_WINDOW) -> None:  # ingest: a Ray actor handle
         self.slot_bytes = handle.slot_bytes
         self.ordered = handle.ordered
         self.owner = new_owner_token()  # names this producer's writes at the ingest (for fencing)
@@ -137,7 +137,8 @@ class RemoteRing:
     def slot_buffer(self, slot: int, nbytes: int | None = None) -> np.ndarray:
         return self._buffer if nbytes is None else self._buffer[:nbytes]
 
-    def claim(self, seq: int, *, timeout: float | None = None, stop=None) -> _PrivateSlot:
+    def claim(self, seq: int, *, timeout: float | None = None,
+              stop: Callable[[], bool] | None = None) -> _PrivateSlot:
         self._settle(self._window - 1)
         return _PrivateSlot(self, seq)
 
@@ -175,8 +176,9 @@ class ClusterProducer(Producer):
     """A ``Producer`` that may run on any node: on the ring's node it writes slots directly,
     elsewhere it ships batches to the ingest actor (NOTE [remote producers])."""
 
-    def __init__(self, handle: RingHandle, spec, kind: str, fn, worker: int, num_workers: int, seed: int,
-                 consumer_pid: int, ring_node: str, ingest, window: int = REMOTE_WINDOW) -> None:
+    def __init__(self, handle: RingHandle, spec: BatchSpec, kind: str, fn: Callable[..., Any], worker: int,
+                 num_workers: int, seed: int, consumer_pid: int, ring_node: str, ingest: Any,
+                 window: int = REMOTE_WINDOW) -> None:
         self.node = ray.get_runtime_context().get_node_id()
         self.remote = self.node != ring_node
         self._ingest = ingest
@@ -350,7 +352,7 @@ class ClusterPlacement:
             raise errors.ShmfeedError(f"the ingest actor (which copies batches from other nodes into the "
                                       f"ring) failed to start on node {self.node}: {exc}") from exc
 
-    def start_actor(self, worker: int):
+    def start_actor(self, worker: int) -> Any:
         """Start producer ``worker``'s next incarnation, placed as ``placement`` says."""
         options = dict(self._options)
         if not self._user_strategy:

@@ -64,6 +64,21 @@ MAX_SLOTS: int = lib.shmfeed_max_slots()
 MAX_SLOT_BYTES: int = lib.shmfeed_max_slot_bytes()
 MAX_SEQ: int = 2**46 - 1  # the slot word's sequence field (csrc/layout.h): claim() refuses more
 
+
+def _layout_fields() -> dict[str, tuple[int, int]]:
+    fields = ffi.new("const shmfeed_field **")
+    n = ffi.new("uint32_t *")
+    check(lib.shmfeed_layout_fields(fields, n), "reading the segment layout")
+    return {ffi.string(f.name).decode(): (int(f.offset), int(f.size)) for f in (fields[0][i] for i in range(n[0]))}
+
+
+# The segment's layout as the C core defines it (csrc/layout.h, through shmfeed_layout_fields): name ->
+# (offset, size). "header.*" and "consumer.*" offsets are from the segment's start, "desc" is slot 0's
+# descriptor (offset, stride) and "desc.*" offsets are within a descriptor. For code that reads a segment
+# without attaching it (cleanup) and tests that write into one; the ring itself never needs it.
+SEGMENT_FIELDS: dict[str, tuple[int, int]] = _layout_fields()
+SEGMENT_MAGIC: int = lib.shmfeed_layout_magic()  # the first 8 bytes of every segment (little-endian)
+
 _SLOT_STATES = {
     lib.SHMFEED_SLOT_FREE: "free",
     lib.SHMFEED_SLOT_CLAIMED: "claimed",
@@ -127,7 +142,7 @@ class Ring:
     ``detach()``; detaching twice is harmless.
     """
 
-    def __init__(self, _ptr, *, owner: int | None = None, debug_views: bool | None = None) -> None:
+    def __init__(self, _ptr: Any, *, owner: int | None = None, debug_views: bool | None = None) -> None:
         base = ffi.new("uint8_t **")
         check(lib.shmfeed_ring_base(_ptr, base), "reading ring base")
         # NOTE [mapping lifetime]: from here on the handle is freed by _base's finalizer, when
@@ -146,7 +161,7 @@ class Ring:
         self.slots: int = geometry.slot_count
         self.slot_bytes: int = geometry.slot_bytes
         self.slot_stride: int = geometry.slot_stride
-        self.nbytes: int = geometry.segment_bytes
+        self.segment_bytes: int = geometry.segment_bytes  # the whole mapping: header, descriptors, slots
         self.ordered: bool = bool(geometry.flags & lib.SHMFEED_ORDERED)
         self.creator_pid: int = geometry.creator_pid
         self.created_ns: int = geometry.created_ns
@@ -156,7 +171,6 @@ class Ring:
         self._data = base[0] + geometry.data_offset  # addresses only (page-locking, DMA), never a view
         self._path = ffi.string(path).decode()
         self.owner: int = owner if owner is not None else new_owner_token()
-        self._next_unordered_seq = 0
         self._record: str | None = None  # registry record (for inspect/cleanup)
         self._record_pid = os.getpid()
         self.debug_views: bool = views.debug_views_enabled(debug_views)
@@ -197,8 +211,12 @@ class Ring:
 
     @classmethod
     def attach(cls, handle: "RingHandle | str", *, owner: int | None = None,
-               debug_views: bool | None = None) -> "Ring":
-        """Attach to a ring created by another process; validates the whole header first."""
+               debug_views: bool | None = None, register: bool = True) -> "Ring":
+        """Attach to a ring created by another process; validates the whole header first.
+
+        ``register=False`` leaves no registry record: for observers (``pyshmfeed inspect``,
+        ``cleanup``) that read the ring and never claim in it.
+        """
         path = handle.path if isinstance(handle, RingHandle) else str(handle)
         out = ffi.new("shmfeed_ring **")
         err = ffi.new("char[]", ERR_BYTES)
@@ -208,7 +226,8 @@ class Ring:
             ring.detach()  # another ring now at the path: the handle's was closed and its fd reused
             raise errors.SegmentNotFound(f"attaching ring {path}: the ring this handle names is gone (its "
                                          "creator closed it; the path now holds a newer ring)")
-        ring._record = registry.record(ring, "attached")
+        if register:
+            ring._record = registry.record(ring, "attached")
         return ring
 
     @property
@@ -276,7 +295,7 @@ class Ring:
                                     "attach ring.handle there)", code=CLOSE_NORMAL)
         return ptr
 
-    def c_handle(self):
+    def c_handle(self) -> Any:
         """The C ring handle, for modules of this package that call more of the C core on it (work.py).
 
         Raises ``RingClosed`` once detached. Waits on it go through ``wait_in_c``.
@@ -377,21 +396,24 @@ class Ring:
         """Claim the slot for batch ``seq`` (ordered rings: required) and return it for writing.
 
         Blocks until the slot is free (the consumer released batch ``seq - slots``).
+        On an unordered ring without ``seq``, the batch gets the next sequence of a
+        counter kept in the segment: distinct across every process attached.
         Raises ``StaleClaim`` if batch ``seq`` was already committed, ``RingClosed``
         if either side closed the ring, ``Timeout`` after ``timeout`` seconds.
         Use as ``with ring.claim(s) as slot: ...``: a clean exit commits the whole
         slot (or what ``slot.commit(n)`` said), an exception aborts it.
         """
         ptr = self._live()
+        out = ffi.new("shmfeed_claimed *")
+        owner = self.owner
         if seq is None:
             if self.ordered:
                 raise errors.InvalidArgument("an ordered ring needs the batch sequence: claim(seq)")
-            seq = self._next_unordered_seq
-            self._next_unordered_seq += 1
+            self._wait(lambda ns: lib.shmfeed_claim_next(ptr, owner, ns, out), "claiming a slot for the next batch",
+                       timeout, stop)
+            return ProducerSlot(self, out)
         if seq < 0 or seq > MAX_SEQ:
             raise errors.InvalidArgument(f"seq={seq} is out of range 0..2**46-1")
-        out = ffi.new("shmfeed_claimed *")
-        owner = self.owner
         self._wait(lambda ns: lib.shmfeed_claim(ptr, seq, owner, ns, out), f"claiming slot for batch {seq}",
                    timeout, stop)
         return ProducerSlot(self, out)
@@ -511,7 +533,7 @@ class ProducerSlot:
 
     __slots__ = ("_ring", "_claim", "seq", "slot", "_done", "_commit_bytes")
 
-    def __init__(self, ring: Ring, claim) -> None:
+    def __init__(self, ring: Ring, claim: Any) -> None:  # claim: the C shmfeed_claimed
         self._ring = ring
         self._claim = claim
         self.seq: int = claim.seq
@@ -593,7 +615,7 @@ class ConsumerSlot:
 
     __slots__ = ("_ring", "_acq", "seq", "slot", "nbytes", "commit_ns", "_released")
 
-    def __init__(self, ring: Ring, acquired) -> None:
+    def __init__(self, ring: Ring, acquired: Any) -> None:  # acquired: the C shmfeed_acquired
         self._ring = ring
         self._acq = acquired
         self.seq: int = acquired.seq
@@ -682,18 +704,7 @@ def _view(ring: Ring, slot: int, dtype: DTypeLike, shape: _Shape, offset: int, l
     return arr
 
 
-def process_alive(pid: int) -> bool:
-    """Whether a process with this pid exists (used to notice a dead creator/consumer)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 __all__ = [
-    "Ring", "RingHandle", "ProducerSlot", "ConsumerSlot", "new_owner_token", "process_alive",
+    "Ring", "RingHandle", "ProducerSlot", "ConsumerSlot", "new_owner_token", "SEGMENT_FIELDS", "SEGMENT_MAGIC",
     "CLOSE_NORMAL", "CLOSE_PRODUCER_ERROR", "CLOSE_CONSUMER_GONE", "CLOSE_FAILED",
 ]

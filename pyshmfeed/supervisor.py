@@ -48,7 +48,7 @@ from typing import Any, Callable
 from . import errors, hosts, raylife, registry
 from ._ffi import lib
 from .procs import wait_dead
-from .ring import CLOSE_FAILED, CLOSE_PRODUCER_ERROR, Ring, process_alive
+from .ring import CLOSE_FAILED, CLOSE_PRODUCER_ERROR, Ring
 from .spec import BatchSpec
 from .work import JOB_RESUME, Job, TaskIndex, WorkArea
 
@@ -165,11 +165,6 @@ class Supervisor(threading.Thread):
         except Exception as exc:
             raise errors.ShmfeedError(f"producers failed to start: {exc}") from exc
 
-    @property
-    def slots(self) -> list[Position]:
-        """The producer positions (the name the dispatcher uses too)."""
-        return self.positions
-
     def _on_started(self, p: Position, ident: dict[str, int]) -> None:
         p.pid, p.owner, p.ready_ref = ident["pid"], ident["owner"], None
         assert p.host is not None  # set with the actor
@@ -251,7 +246,7 @@ class Supervisor(threading.Thread):
         """Wait (briefly) until no live producer is inside a take (NOTE [work hand-out])."""
         deadline = time.monotonic() + _SETTLE_S
         for p in self.positions:
-            if p.pid is None or not process_alive(p.pid):
+            if p.pid is None or not registry.is_alive(p.pid):
                 continue
             while self.work.record(p.worker).intent and time.monotonic() < deadline:
                 time.sleep(0.0005)
@@ -373,7 +368,7 @@ class Supervisor(threading.Thread):
         for p in self.positions:
             if not p.active:
                 continue
-            if p.pid is not None and not p.finished and not process_alive(p.pid):
+            if p.pid is not None and not p.finished and not registry.is_alive(p.pid):
                 self._on_death(p)
             elif p.pid is not None and self.lease is not None and not p.finished:
                 rec = self.work.record(p.worker)

@@ -6,7 +6,7 @@ Re-exports ``pyshmfeed.adapters.torch``; torch itself is imported when
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .adapters.torch import TorchBatches
 
@@ -14,7 +14,7 @@ if TYPE_CHECKING:  # at run time DataLoader comes from __getattr__ below
     from .adapters.torch_loader import DataLoader
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name == "DataLoader":
         from .adapters.torch_loader import DataLoader
 

@@ -25,6 +25,7 @@ the bytes. Not guarded (escapes): ``np.asarray(view)``, ``memoryview(view)``,
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import Any, Callable, Literal
 
 import numpy as np
@@ -89,7 +90,7 @@ class GuardedArray(np.ndarray):
     def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
         return func(*_plain(args), **{k: _plain(v) for k, v in kwargs.items()})
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Any]:
         self._fresh()
         return iter(self.view(np.ndarray))
 

@@ -101,8 +101,8 @@ class Watchdog:
                 "slots": [feed._ring.slot_info(i) for i in range(feed._ring.slots)],
                 "pending": [t[0] for t in d._pending][:50],
                 "inflight": {p.worker: [[t[0] for t in ts] for ts, _ in p.inflight.values()]
-                             for p in d.slots},
-                "identities": {p.worker: p.identity for p in d.slots},
+                             for p in d.positions},
+                "identities": {p.worker: p.identity for p in d.positions},
             }
         finally:
             if locked:

@@ -136,9 +136,9 @@ def test_exactly_once_while_scaling_and_a_producer_is_killed(ray_session, ordere
         killed = threading.Event()
 
         def kill_one():
-            wait_until(lambda: sup.workers_running() >= 2 and any(p.pid for p in sup.slots), 60,
+            wait_until(lambda: sup.workers_running() >= 2 and any(p.pid for p in sup.positions), 60,
                        "a second producer")
-            victim = next(p.pid for p in sup.slots if p.pid)
+            victim = next(p.pid for p in sup.positions if p.pid)
             os.kill(victim, signal.SIGKILL)
             killed.set()
 

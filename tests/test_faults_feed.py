@@ -2,21 +2,30 @@
 
 - **Kill at every step.** The producer's test hook (``PYSHMFEED_TEST_KILL_AT``,
   passed to the actors through their runtime_env) SIGKILLs one producer at
-  claim, write, commit or after_commit of a batch: every batch still arrives
-  exactly once, in order, with its checksum; the consumer never waits longer
-  than the time Ray took to report the death plus 1 s.
+  claim, write, commit or after_commit of a batch (before the claim it holds
+  nothing; between claim and write a claimed, half-written slot; before the
+  commit a written but unpublished batch; after it nothing unfinished), for
+  fill, make and shards sources on ordered and unordered rings: every batch
+  still arrives exactly once, in order where the ring is ordered, with the
+  contents the source makes; the replacement makes a whole second epoch, and
+  nothing (process, actor, mapping) is left after close. The detection time
+  (kill to restart) and the loop's longest wait after the kill are printed.
+- **Killed from outside.** ``ray.kill`` of one actor and ``SIGKILL`` of
+  another's process while the epoch runs, and a SIGKILL while the loop is
+  between epochs: the supervisor notices each death on its own.
 - **Random kill soak.** Several producers, thousands of small checksummed
   batches, producers SIGKILLed at random (``os.kill`` of their pids) many
-  times: 0 lost, 0 repeated, 0 corrupt, and the same bound on waits. Short in
-  CI; ``PYSHMFEED_SOAK=1`` runs it for ``PYSHMFEED_SOAK_SECONDS`` (default 900).
+  times: 0 lost, 0 repeated, 0 corrupt. Short in CI; ``PYSHMFEED_SOAK=1``
+  runs it for ``PYSHMFEED_SOAK_SECONDS`` (default 900).
 - **Training process killed.** A training script in a subprocess makes a
-  Feed; SIGKILL, SIGTERM or SIGINT mid-epoch: the script is gone at once (or,
-  for SIGINT, closes the feed and exits), its producer processes are gone
-  within seconds, and its ring with them (memfd), or ``pyshmfeed cleanup``
-  removes what a named ring left.
+  Feed; SIGKILL, SIGTERM or SIGINT mid-epoch: the script exits (or, for
+  SIGINT, closes the feed and exits), its producer processes follow, and its
+  ring with them (memfd), or ``pyshmfeed cleanup`` removes what a named ring
+  left.
 
-The figures (kills, restarts, detection times, longest waits) are printed and
-summarised in RELIABILITY.md.
+Times (detection, waits, exits) are printed and summarised in RELIABILITY.md,
+never asserted: on a loaded machine they mean nothing, and timing belongs in
+the benchmarks. Deadlines here only turn a hang into a failure.
 """
 
 from __future__ import annotations
@@ -34,14 +43,28 @@ import zlib
 
 import numpy as np
 import pytest
+from test_feed import (
+    LENGTH,
+    assert_exactly_once_and_correct,
+    assert_nothing_left,
+    checksum,
+    key_of,
+    new_feed,
+    producer_actors,
+    producer_pids,
+    reference,
+    ring_fds,
+    take,
+    wait_until,
+)
 
 from pyshmfeed import BatchSpec, Feed, cleanup, registry
 from pyshmfeed.producer import KILL_HOOK_ENV
-from pyshmfeed.ring import process_alive
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 SOAK = os.environ.get("PYSHMFEED_SOAK") == "1"
 SOAK_SECONDS = float(os.environ.get("PYSHMFEED_SOAK_SECONDS", "900")) if SOAK else 30.0
+KILL_AT_BATCH = 12  # the producer's own count of batches it committed
 
 WORDS = 256
 SPEC = BatchSpec(x=((WORDS,), "uint32"), check=((2,), "int64"))
@@ -97,16 +120,18 @@ class RestartWatch(threading.Thread):
         return self.times
 
 
-def consume_epoch(feed: Feed, epoch: int, waits: list | None = None) -> list[int]:
-    """Every index of ``epoch`` in delivery order; appends each wait's (start, end) wall times to ``waits``."""
-    indices = []
+def timed(batches, waits: list[tuple[float, float]]):
+    """Each batch of ``batches``, appending the loop's wait for it ((start, end) wall times) to ``waits``."""
     t = time.time()
-    for batch in feed.epoch(epoch):
-        if waits is not None:
-            waits.append((t, time.time()))
-        indices.append(verify(batch, epoch))
+    for batch in batches:
+        waits.append((t, time.time()))
+        yield batch
         t = time.time()
-    return indices
+
+
+def consume_epoch(feed: Feed, epoch: int, waits: list[tuple[float, float]]) -> list[int]:
+    """Every index of ``epoch`` in delivery order, each checked; the loop's waits go to ``waits``."""
+    return [verify(batch, epoch) for batch in timed(feed.epoch(epoch), waits)]
 
 
 def longest_wait_after(waits: list[tuple[float, float]], since: float) -> float:
@@ -114,36 +139,106 @@ def longest_wait_after(waits: list[tuple[float, float]], since: float) -> float:
     return max((end - start for start, end in waits if end > since), default=0.0)
 
 
-# ---- kill at every step ------------------------------------------------------------------
+# ---- kill at every step, and from outside ----------------------------------------------
 
 
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("step", ["claim", "write", "commit", "after_commit"])
-def test_producer_killed_at_each_step_loses_and_repeats_nothing(ray_session, tmp_path, step):
-    marker = tmp_path / "killed"
-    length = 48
-    opts = actor_options(**{KILL_HOOK_ENV: f"{step}:5:{marker}"})
-    with Feed(SPEC, fill=checked_fill, length=length, workers=2, _actor_options=opts) as feed:
+def wait_started(feed) -> None:
+    """Replacements start in the background (the others carry the work meanwhile): wait for their pids."""
+    wait_until(lambda: all(p.identity is not None for p in feed._dispatcher.positions), 60,
+               "every replacement producer started")
+
+
+def expected_order(kind: str, ordered: bool) -> list | None:
+    return list(range(LENGTH)) if ordered and kind != "shards" else None
+
+
+def check_epoch(feed, kind: str, ordered: bool, epoch: int, got: list) -> None:
+    assert_exactly_once_and_correct(got, reference(kind, feed.workers, epoch), epoch,
+                                    in_order=expected_order(kind, ordered))
+    if kind == "shards":  # a restarted shard resumes after what was committed: still in shard order
+        for w in range(feed.workers):
+            positions = [k[1] for k, _, _ in got if k[0] == w]
+            assert positions == sorted(positions)
+
+
+@pytest.mark.parametrize("kind, ordered, step", [
+    ("fill", True, "claim"),         # dies holding nothing
+    ("fill", True, "write"),         # dies holding a claimed, half-written slot
+    ("fill", True, "commit"),        # dies with the batch written but unpublished
+    ("make", True, "commit"),
+    ("fill", True, "after_commit"),  # dies right after publishing
+    ("make", False, "write"),
+    ("fill", False, "after_commit"),
+    ("shards", False, "write"),
+    ("shards", False, "after_commit"),
+])
+def test_a_producer_that_dies_at_any_step_loses_and_duplicates_nothing(ray_session, tmp_path, kind, ordered,
+                                                                       step):
+    marker = str(tmp_path / "killed")
+    fds_before = ring_fds()
+    waits: list[tuple[float, float]] = []
+    hook = actor_options(**{KILL_HOOK_ENV: f"{step}:{KILL_AT_BATCH}:{marker}"})
+    with new_feed(kind, ordered=ordered, _actor_options=hook) as feed:
         watch = RestartWatch(feed)
         watch.start()
-        waits: list[tuple[float, float]] = []
-        indices = consume_epoch(feed, 0, waits)
-        again = consume_epoch(feed, 1, waits)  # the replacement keeps the feed going
-        restarts = watch.stop()
+        got = take(timed(feed.epoch(0), waits), kind=kind)
+        assert os.path.exists(marker), "the fault hook never fired: this test tested nothing"
+        check_epoch(feed, kind, ordered, 0, got)
+        # Killed after its commit, it owed nothing: the epoch may end before the supervisor's next look.
+        wait_until(lambda: feed.stats()["restarts"] == 1, 60, "the death handled")
         stats = feed.stats()
-    assert marker.exists(), "the hook did not fire: no producer was killed"
-    assert indices == list(range(length)) and again == list(range(length))
-    assert stats["restarts"] == 1 and len(restarts) == 1
-    # Killed before its commit, the batch is re-issued; after it, only what was still queued.
-    if step != "after_commit":
-        assert stats["reissued"] >= 1
-    killed = marker.stat().st_mtime
-    detection = restarts[0] - killed
-    longest = longest_wait_after(waits, killed)
-    print(f"\n[kill at {step}] detection {detection:.3f} s, longest wait {longest:.3f} s, "
+        if kind != "shards":
+            # The dead producer's unfinished work went to the others or its replacement.
+            assert stats["reissued"] >= (0 if step == "after_commit" else 1)
+        # The replacement keeps working: a whole second epoch, with the hook spent.
+        check_epoch(feed, kind, ordered, 1, take(feed.epoch(1), kind=kind))
+        wait_started(feed)
+        pids, actors = producer_pids(feed), producer_actors(feed)
+        assert len(pids) == feed.workers + 1
+        restarts = watch.stop()
+    assert_nothing_left(ray_session, feed, pids, actors, fds_before)
+    assert len(restarts) == 1
+    killed = os.stat(marker).st_mtime
+    print(f"\n[{kind} {'ordered' if ordered else 'unordered'}, kill at {step}] detection "
+          f"{restarts[0] - killed:.3f} s, longest wait {longest_wait_after(waits, killed):.3f} s, "
           f"re-issued {stats['reissued']}")
-    # Timing is the soak's and the benchmarks' business (RELIABILITY.md); here only a hang guard.
-    assert 0 <= detection < 30
+
+
+@pytest.mark.parametrize("kind, ordered", [("fill", True), ("make", False), ("shards", False)])
+def test_ray_kill_and_sigkill_from_outside_while_the_epoch_runs(ray_session, kind, ordered):
+    fds_before = ring_fds()
+    with new_feed(kind, slow=True, ordered=ordered) as feed:
+        d = feed._dispatcher
+        wait_started(feed)  # producers start concurrently: know both pids before killing them
+        killed = []
+        got = []
+        for batch in feed.epoch(0):
+            got.append((key_of(kind, batch), batch.epoch, checksum(batch)))
+            if len(got) == 40:
+                killed.append(d.positions[0].pids[-1])
+                ray_session.kill(d.positions[0].actor, no_restart=True)
+            elif len(got) == 80:
+                killed.append(d.positions[1].pids[-1])
+                os.kill(d.positions[1].pids[-1], signal.SIGKILL)
+        check_epoch(feed, kind, ordered, 0, got)
+        assert not any(registry.is_alive(pid) for pid in killed)
+        check_epoch(feed, kind, ordered, 1, take(feed.epoch(1), kind=kind))
+        # The supervisor notices a death on its own (not at the dead producer's next task): by now, or soon.
+        wait_until(lambda: feed.stats()["restarts"] == 2, 30, "both deaths handled")
+        wait_started(feed)
+        pids, actors = producer_pids(feed), producer_actors(feed)
+        assert len(pids) == 4 and not set(killed) & {p.pids[-1] for p in d.positions}
+    assert_nothing_left(ray_session, feed, pids, actors, fds_before)
+
+
+def test_a_producer_killed_while_the_loop_is_between_epochs(ray_session):
+    # Nobody is waiting on the dead producer: the supervisor notices the death and replaces it anyway.
+    with new_feed("fill", ordered=True) as feed:
+        check_epoch(feed, "fill", True, 0, take(feed.epoch(0)))
+        wait_started(feed)  # producers start concurrently: the first may have made the whole epoch
+        os.kill(feed._dispatcher.positions[0].pids[-1], signal.SIGKILL)
+        check_epoch(feed, "fill", True, 1, take(feed.epoch(1)))
+        wait_until(lambda: feed.stats()["restarts"] == 1, 30, "the death handled")
 
 
 # ---- random kill soak ----------------------------------------------------------------------
@@ -158,7 +253,7 @@ class Killer(threading.Thread):
 
     def __init__(self, feed: Feed, interval: tuple[float, float], seed: int) -> None:
         super().__init__(daemon=True)
-        self.slots = feed._dispatcher.slots
+        self.positions = feed._dispatcher.positions
         self.interval = interval
         self.rng = random.Random(seed)
         self.kills: list[tuple[float, int]] = []
@@ -166,9 +261,9 @@ class Killer(threading.Thread):
 
     def run(self) -> None:
         while not self.done.wait(self.rng.uniform(*self.interval)):
-            # Zombies count as dead here (process_alive would say alive until Ray reaps them).
-            live = [p.pids[-1] for p in self.slots if p.identity is not None and p.pids
-                    and p.pids[-1] is not None and registry.is_alive(p.pids[-1], None)]
+            # A zombie counts as dead (registry.is_alive): it stays one until Ray reaps it.
+            live = [p.pids[-1] for p in self.positions if p.identity is not None and p.pids
+                    and p.pids[-1] is not None and registry.is_alive(p.pids[-1])]
             if len(live) < 2:
                 continue
             pid = self.rng.choice(live)
@@ -253,10 +348,10 @@ TRAINING_SCRIPT = textwrap.dedent("""
                 for batch in feed.epoch(epoch):
                     assert batch["x"][0] == batch.index
                     n += 1
-                    if n >= 30 and not printed and all(p.pids for p in feed._dispatcher.slots):
+                    if n >= 30 and not printed and all(p.pids for p in feed._dispatcher.positions):
                         printed = True  # every producer is up (they start concurrently, in the background)
                         print(json.dumps({"pid": os.getpid(), "path": feed.ring.handle.path,
-                                          "producers": [p.pids[-1] for p in feed._dispatcher.slots]}), flush=True)
+                                          "producers": [p.pids[-1] for p in feed._dispatcher.positions]}), flush=True)
                     time.sleep(0.005)
     except KeyboardInterrupt:
         print("interrupted: feed closed", flush=True)
@@ -267,15 +362,15 @@ TRAINING_SCRIPT = textwrap.dedent("""
 def wait_gone(pids: list[int], timeout: float) -> float:
     """Seconds until every pid has exited (fails past ``timeout``)."""
     t0 = time.monotonic()
-    while any(process_alive(p) for p in pids):
+    while any(registry.is_alive(p) for p in pids):
         if time.monotonic() - t0 > timeout:
-            alive = [p for p in pids if process_alive(p)]
+            alive = [p for p in pids if registry.is_alive(p)]
             pytest.fail(f"processes {alive} still alive {timeout} s after the training process ended")
         time.sleep(0.02)
     return time.monotonic() - t0
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(300)
 @pytest.mark.parametrize("sig, backing", [(signal.SIGKILL, "memfd"), (signal.SIGKILL, "named"),
                                           (signal.SIGTERM, "memfd"), (signal.SIGINT, "memfd")],
                          ids=["SIGKILL", "SIGKILL-named", "SIGTERM", "SIGINT"])
@@ -291,9 +386,9 @@ def test_killed_training_process_leaves_no_producer_or_segment(ray_session, tmp_
         info = json.loads(line)
         os.kill(proc.pid, sig)
         t0 = time.monotonic()
-        rc = proc.wait(30)  # reaped at once, as a shell would: no zombie keeps the pid alive
+        rc = proc.wait(120)  # reaped at once, as a shell would; SIGINT closes the feed first (slow when loaded)
         exited_s = time.monotonic() - t0
-        gone_s = wait_gone(info["producers"], 15)
+        gone_s = wait_gone(info["producers"], 60)
         out, err = proc.stdout.read(), proc.stderr.read()
     finally:
         if proc.poll() is None:
@@ -307,7 +402,6 @@ def test_killed_training_process_leaves_no_producer_or_segment(ray_session, tmp_
         assert rc in (15, -15), err[-3000:]  # ray.init installs a handler that exits with the signal number
     else:
         assert rc == -sig
-    assert exited_s < 15
     if backing == "memfd":
         assert not os.path.exists(info["path"])  # the ring went with its processes
     elif sig == signal.SIGKILL:

@@ -5,7 +5,7 @@
   death there leaves): the consumer reclaims, the batch is re-issued, and every
   batch arrives exactly once, intact, in order.
 - The consumer SIGKILLs itself at every step of acquire -> release: producers
-  (separate processes, waiting with a ``process_alive`` stop callback) notice
+  (separate processes, waiting with a ``registry.is_alive`` stop callback) notice
   and exit within a few seconds.
 - A producer SIGSTOPped while holding a claim is reclaimed and its batch
   re-issued and delivered; after SIGCONT its late commit gets ``StaleClaim``
@@ -54,7 +54,7 @@ from pyshmfeed.errors import (
     StaleClaim,
     Timeout,
 )
-from pyshmfeed.ring import process_alive
+from pyshmfeed.ring import SEGMENT_FIELDS
 
 _CTX = multiprocessing.get_context("forkserver")
 _CTX.set_forkserver_preload(["numpy", "pyshmfeed"])
@@ -63,12 +63,12 @@ HEADER = struct.Struct("<QII")  # seq, body length, crc32 of the body
 SLOT_BYTES = 4096
 SHM = "/dev/shm"
 
-# Offsets from csrc/layout.h: slot descriptors start at 8192, 64 bytes each.
-DESC = 8192
-DESC_BYTES = 64
-WORD, OWNER, BATCH_SEQ, PAYLOAD_LEN, COMMIT_ORDER, WAITERS = 0, 8, 16, 24, 48, 56
-CLOSED, CLOSE_CODE, CLOSE_MSG = 88, 92, 96
-CONSUMER_HEAD = 4096 + 64 + 32
+# Offsets from the C core's layout table (csrc/layout.h): slot descriptors start at DESC, DESC_BYTES each.
+DESC, DESC_BYTES = SEGMENT_FIELDS["desc"]
+WORD, OWNER, BATCH_SEQ, PAYLOAD_LEN, COMMIT_ORDER, WAITERS = (
+    SEGMENT_FIELDS[f"desc.{name}"][0] for name in ("word", "owner", "batch_seq", "payload_len", "commit_order", "waiters"))
+CLOSED, CLOSE_CODE, CLOSE_MSG = (SEGMENT_FIELDS[f"header.{name}"][0] for name in ("closed", "close_code", "close_msg"))
+CONSUMER_HEAD = SEGMENT_FIELDS["consumer.head"][0]
 STATE_FREE, STATE_CLAIMED, STATE_READY, STATE_ACQUIRED = 0, 1, 2, 3
 
 
@@ -131,7 +131,7 @@ def endless_producer(handle: RingHandle, first: int, stride: int, consumer_pid: 
         seq = first
         try:
             while True:
-                slot = ring.claim(seq, stop=lambda: not process_alive(consumer_pid))
+                slot = ring.claim(seq, stop=lambda: not registry.is_alive(consumer_pid))
                 write_batch(slot, seq)
                 seq += stride
         except RingClosed:
@@ -232,7 +232,7 @@ def test_producer_killed_at_each_step_loses_and_repeats_nothing(start, die_at, o
 def test_death_between_the_owner_lock_and_the_claim_cas_is_reclaimed(ordered):
     # try_claim_slot() takes the owner lock, then CASes the word: died in between.
     with Ring.create(2, SLOT_BYTES, ordered=ordered) as ring:
-        shm = np.frombuffer(ffi.buffer(ring._base, ring.nbytes), dtype="<u8")
+        shm = np.frombuffer(ffi.buffer(ring._base, ring.segment_bytes), dtype="<u8")
         for slot in range(2):
             shm[desc(slot, OWNER)] = 0xDEAD02  # unordered: any slot would do, so lock them all
         with pytest.raises(Timeout):
@@ -251,7 +251,7 @@ def test_death_inside_commit_before_its_cas_publishes_nothing():
     with Ring.create(2, SLOT_BYTES) as ring, Ring.attach(ring.handle, owner=0xDEAD03) as victim:
         slot = victim.claim(0)
         slot.memory[:4] = b"torn"
-        shm = np.frombuffer(ffi.buffer(ring._base, ring.nbytes), dtype="<u8")
+        shm = np.frombuffer(ffi.buffer(ring._base, ring.segment_bytes), dtype="<u8")
         shm[(DESC + PAYLOAD_LEN) // 8] = 4
         assert ring.try_acquire() is None  # the length alone publishes nothing
         assert ring.reclaim(0xDEAD03) == [0]
@@ -499,7 +499,7 @@ def test_processes_ended_by_signals_leave_nothing_that_cleanup_does_not_remove(s
 def hostile():
     """A ring, a producer attached to it, and a writable uint64 view of the raw segment."""
     with Ring.create(4, SLOT_BYTES) as ring, Ring.attach(ring.handle, owner=0xA11CE) as producer:
-        shm = np.frombuffer(ffi.buffer(ring._base, ring.nbytes), dtype="<u8")
+        shm = np.frombuffer(ffi.buffer(ring._base, ring.segment_bytes), dtype="<u8")
         yield ring, producer, shm
 
 
@@ -560,9 +560,10 @@ def test_garbage_slot_words_give_clean_errors_never_a_crash(hostile, garbage):
     assert len(outcomes) == 6
 
 
-HEADER_FIELDS = {"slot_count": (24, "<I", 65535), "slot_bytes": (32, "<Q", 2**40), "slot_stride": (40, "<Q", 1),
-                 "data_offset": (64, "<Q", 2**63), "segment_bytes": (16, "<Q", 0), "magic": (0, "<Q", 0),
-                 "flags": (28, "<I", 0xFF)}
+HEADER_VALUES = {"slot_count": 65535, "slot_bytes": 2**40, "slot_stride": 1, "data_offset": 2**63,
+                 "segment_bytes": 0, "magic": 0, "flags": 0xFF}
+HEADER_FIELDS = {name: (SEGMENT_FIELDS[f"header.{name}"][0], {4: "<I", 8: "<Q"}[SEGMENT_FIELDS[f"header.{name}"][1]],
+                        value) for name, value in HEADER_VALUES.items()}
 
 
 @pytest.mark.parametrize("field", sorted(HEADER_FIELDS))
@@ -605,15 +606,15 @@ def test_close_stuck_half_written_still_ends_every_wait(hostile):
 
 def test_garbage_counters_and_unordered_fields_stay_in_bounds():
     with Ring.create(4, SLOT_BYTES, ordered=False) as ring, Ring.attach(ring.handle) as producer:
-        shm = np.frombuffer(ffi.buffer(ring._base, ring.nbytes), dtype="<u8")
+        shm = np.frombuffer(ffi.buffer(ring._base, ring.segment_bytes), dtype="<u8")
         for seq in range(3):
             with producer.claim(seq) as slot:
                 write_batch(slot, seq)
         for i in range(4):
             shm[desc(i, COMMIT_ORDER)] = 2**64 - 1 - i
             shm[desc(i, BATCH_SEQ)] = 2**64 - 1
-        shm[(4096 + 56) // 8] = 2**64 - 1  # the commit ticket counter
-        struct.pack_into("<I", ffi.buffer(ring._base, ring.nbytes), DESC + WAITERS, 2**32 - 1)
+        shm[SEGMENT_FIELDS["producer.commit_order"][0] // 8] = 2**64 - 1  # the commit ticket counter
+        struct.pack_into("<I", ffi.buffer(ring._base, ring.segment_bytes), DESC + WAITERS, 2**32 - 1)
         got_any = 0
         while (got := ring.try_acquire()) is not None:
             with got:
@@ -634,7 +635,7 @@ def test_garbage_consumer_head_is_corrupt_segment_not_a_crash_or_an_endless_wait
 def test_a_payload_length_past_the_slot_leaves_the_slot_ready_and_the_ring_usable(ordered):
     # The error comes before the slot moves: the consumer holds no token it could not give back.
     with Ring.create(4, SLOT_BYTES, ordered=ordered) as ring, Ring.attach(ring.handle) as producer:
-        shm = np.frombuffer(ffi.buffer(ring._base, ring.nbytes), dtype="<u8")
+        shm = np.frombuffer(ffi.buffer(ring._base, ring.segment_bytes), dtype="<u8")
         with producer.claim(0) as slot:
             write_batch(slot, 0)
         good = shm[desc(0, PAYLOAD_LEN)]
@@ -681,7 +682,7 @@ def test_random_bytes_over_the_descriptors_of_an_ordered_ring_are_corrupt_segmen
 def scribbler(path: str, seconds: float, seed: int) -> None:
     """A hostile process: overwrite random metadata words of a ring, as fast as it can."""
     ring = Ring.attach(path)
-    shm = np.frombuffer(ffi.buffer(ring._base, ring.nbytes), dtype="<u8")
+    shm = np.frombuffer(ffi.buffer(ring._base, ring.segment_bytes), dtype="<u8")
     rng = np.random.default_rng(seed)
     # Counters and slot descriptors (the close flag is left alone: once set, every call is RingClosed).
     meta_words = list(range(4096 // 8, 4096 // 8 + 32)) + list(range(DESC // 8, (DESC + ring.slots * DESC_BYTES) // 8))

@@ -21,9 +21,8 @@ import numpy as np
 import pytest
 
 import pyshmfeed.feed as feed_module
-from pyshmfeed import Batch, BatchSpec, Feed, SourceContext, hosts, release_producers
+from pyshmfeed import Batch, BatchSpec, Feed, SourceContext, hosts, registry, release_producers
 from pyshmfeed.errors import InvalidArgument, NoSpace, ProducerError, RingClosed
-from pyshmfeed.ring import process_alive
 from pyshmfeed.source import copy_batch_into, write_indexed_batch
 from pyshmfeed.spec import SlotLayout
 
@@ -204,11 +203,11 @@ def assert_exactly_once_and_correct(got: list[tuple], expected: dict, epoch: int
 
 
 def producer_pids(feed: Feed) -> list[int]:
-    return [pid for p in feed._dispatcher.slots for pid in p.pids]
+    return [pid for p in feed._dispatcher.positions for pid in p.pids]
 
 
 def producer_actors(feed: Feed) -> list:
-    return [p.actor for p in feed._dispatcher.slots if p.actor is not None]
+    return [p.actor for p in feed._dispatcher.positions if p.actor is not None]
 
 
 def ring_fds() -> list[str]:
@@ -256,12 +255,12 @@ def assert_nothing_left(ray, feed: Feed, pids: list[int], actors: list, fds_befo
     actor, no ring mapping or fd, and Ray's CPUs all free again."""
     assert pids, "the test should have seen the producers' pids"
     idle = hosts.idle_pids()
-    running = [pid for pid in pids if process_alive(pid) and pid not in idle]
+    running = [pid for pid in pids if registry.is_alive(pid) and pid not in idle]
     assert not running, f"producer processes still running after close(), not back in the pool: {running}"
     holding = [pid for pid in set(pids) & idle if maps_a_ring(pid)]
     assert not holding, f"warm producer hosts still map a ring: {holding}"
     release_producers()
-    dead = [pid for pid in pids if process_alive(pid)]
+    dead = [pid for pid in pids if registry.is_alive(pid)]
     assert not dead, f"producer processes still running after release_producers(): {dead}"
     for actor in actors:
         with pytest.raises(ray.exceptions.RayActorError):
@@ -431,7 +430,7 @@ def test_every_shutdown_path_leaves_no_actor_process_or_segment(ray_session, how
 
     def remember(feed):
         seen["feed"], seen["pids"], seen["actors"] = feed, producer_pids(feed), producer_actors(feed)
-        assert all(process_alive(pid) for pid in seen["pids"])
+        assert all(registry.is_alive(pid) for pid in seen["pids"])
         assert len(ring_fds()) == len(fds_before) + 1  # the ring's fd, memfd or named
 
     if how == "normal":

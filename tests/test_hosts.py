@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from pyshmfeed import BatchSpec, Feed, hosts, release_producers
-from pyshmfeed.ring import process_alive
+from pyshmfeed.registry import is_alive as process_alive
 from test_feed import maps_a_ring, producer_pids, wait_until
 
 SPEC = BatchSpec(x=((8,), "int64"))
@@ -38,11 +38,11 @@ def epoch_indices(feed: Feed, epoch: int = 0) -> list[int]:
 
 
 def running_pids(feed: Feed) -> set[int]:
-    return {p.pid for p in feed._dispatcher.slots if p.pid is not None}
+    return {p.pid for p in feed._dispatcher.positions if p.pid is not None}
 
 
 def all_started(feed: Feed) -> bool:
-    return all(p.pid is not None for p in feed._dispatcher.slots)
+    return all(p.pid is not None for p in feed._dispatcher.positions)
 
 
 def test_a_second_feed_runs_in_the_first_one_s_processes_and_makes_its_own_batches(ray_session):
@@ -79,7 +79,7 @@ def test_a_feed_closed_mid_batch_pools_its_hosts_once_their_batch_ends(ray_sessi
 def test_a_host_whose_producer_was_killed_never_goes_back(ray_session):
     with Feed(SPEC, fill=slow_fill, length=30, workers=2, slots=4) as feed:
         wait_until(lambda: all_started(feed), 120, "both producers started")
-        victim = feed._dispatcher.slots[0].pid
+        victim = feed._dispatcher.positions[0].pid
         os.kill(victim, signal.SIGKILL)
         assert sorted(epoch_indices(feed)) == list(range(30))  # the replacement carries on
         pids = set(producer_pids(feed))

@@ -84,7 +84,7 @@ def in_thread(fn):
 def test_create_reports_the_requested_geometry(ring):
     assert (ring.slots, ring.slot_bytes, ring.ordered) == (4, SLOT_BYTES, True)
     assert ring.slot_stride % 4096 == 0 and ring.slot_stride >= SLOT_BYTES
-    assert ring.nbytes >= ring.data_nbytes == 4 * ring.slot_stride
+    assert ring.segment_bytes >= ring.data_nbytes == 4 * ring.slot_stride
     assert ring.creator_pid == os.getpid()
     assert ring.attached
 
@@ -107,8 +107,8 @@ def test_slots_are_page_aligned_and_a_stride_apart(ring):
 
 def test_attach_sees_the_same_geometry(ring):
     with Ring.attach(ring.handle) as other:
-        assert (other.slots, other.slot_bytes, other.slot_stride, other.ordered, other.nbytes) == (
-            ring.slots, ring.slot_bytes, ring.slot_stride, ring.ordered, ring.nbytes)
+        assert (other.slots, other.slot_bytes, other.slot_stride, other.ordered, other.segment_bytes) == (
+            ring.slots, ring.slot_bytes, ring.slot_stride, ring.ordered, ring.segment_bytes)
         assert other.creator_pid == os.getpid()
 
 
@@ -722,7 +722,7 @@ def test_named_ring_lives_in_dev_shm_private_to_its_user_until_the_creator_detac
         st = os.stat(path)
         assert stat.S_IMODE(st.st_mode) == 0o600
         assert st.st_uid == os.getuid()
-        assert st.st_size == ring.nbytes
+        assert st.st_size == ring.segment_bytes
     assert not os.path.exists(path)
 
 

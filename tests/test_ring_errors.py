@@ -26,24 +26,14 @@ from pyshmfeed.errors import (
     SlotStateError,
     StaleClaim,
 )
-from pyshmfeed.ring import CLOSE_CONSUMER_GONE
+from pyshmfeed.ring import CLOSE_CONSUMER_GONE, SEGMENT_FIELDS
 
 PAGE = 4096
 
-# (offset, struct format) of the header fields, as laid out in csrc/layout.h.
-FIELDS = {
-    "magic": (0, "<Q"),
-    "version": (8, "<I"),
-    "header_bytes": (12, "<I"),
-    "segment_bytes": (16, "<Q"),
-    "slot_count": (24, "<I"),
-    "flags": (28, "<I"),
-    "slot_bytes": (32, "<Q"),
-    "slot_stride": (40, "<Q"),
-    "desc_offset": (48, "<Q"),
-    "desc_stride": (56, "<Q"),
-    "data_offset": (64, "<Q"),
-}
+# (offset, struct format) of the header's integer fields, from the C core's layout table (csrc/layout.h).
+FIELDS = {name.removeprefix("header."): (offset, {4: "<I", 8: "<Q"}[size])
+          for name, (offset, size) in SEGMENT_FIELDS.items() if name.startswith("header.") and size in (4, 8)}
+DESC_OFFSET, DESC_BYTES = SEGMENT_FIELDS["desc"]
 
 
 def raises_exactly(exc_type, fn, *args, **kwargs):
@@ -64,7 +54,7 @@ def ring():
 def valid_segment() -> bytearray:
     """The bytes of a valid 2-slot ring: header, counters, descriptors and data."""
     with Ring.create(2, 100) as r:
-        return bytearray(ffi.buffer(r._base, r.nbytes))
+        return bytearray(ffi.buffer(r._base, r.segment_bytes))
 
 
 def get_field(segment: bytes, name: str) -> int:
@@ -133,7 +123,7 @@ def test_c_core_refuses_sizes_whose_segment_would_overflow_64_bits():
 def test_c_core_sizes_the_largest_ring_without_overflow():
     out = ffi.new("uint64_t *")
     assert lib.shmfeed_ring_size_for(65536, 2**40, out) == lib.SHMFEED_OK
-    descriptors_end = -(-(8192 + 65536 * 64) // PAGE) * PAGE
+    descriptors_end = -(-(DESC_OFFSET + 65536 * DESC_BYTES) // PAGE) * PAGE
     assert out[0] == descriptors_end + 65536 * 2**40
 
 
@@ -251,7 +241,7 @@ def test_attach_rejects_an_inconsistent_header_field(tmp_path, valid_segment, fi
 def test_attach_rejects_a_self_consistent_header_larger_than_the_file(tmp_path, valid_segment):
     # Every field agrees with every other, but they describe 64 slots and the file holds 2.
     slots, stride = 64, get_field(valid_segment, "slot_stride")
-    data_offset = -(-(8192 + slots * 64) // PAGE) * PAGE
+    data_offset = -(-(DESC_OFFSET + slots * DESC_BYTES) // PAGE) * PAGE
     set_field(valid_segment, "slot_count", slots)
     set_field(valid_segment, "data_offset", data_offset)
     set_field(valid_segment, "segment_bytes", data_offset + slots * stride)

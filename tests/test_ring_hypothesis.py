@@ -30,6 +30,7 @@ from pyshmfeed.errors import (
     StaleClaim,
     WouldBlock,
 )
+from pyshmfeed.ring import SEGMENT_FIELDS
 
 PAGE = 4096
 MAX_SLOTS = 65536
@@ -37,15 +38,16 @@ MAX_SLOT_BYTES = 1 << 40
 
 # ---- 1. header validation ------------------------------------------------------------
 
-# (offset, size) of every header field before the close flag (csrc/layout.h).
-HEADER_FIELDS = [(0, 8), (8, 4), (12, 4), (16, 8), (24, 4), (28, 4), (32, 8), (40, 8), (48, 8), (56, 8),
-                 (64, 8), (72, 4), (76, 4), (80, 8)]
-CLOSE_FLAG_OFFSET = 88
+# (offset, size) of every header field before the close flag, from the C core's layout table (csrc/layout.h).
+CLOSE_FLAG_OFFSET = SEGMENT_FIELDS["header.closed"][0]
+HEADER_FIELDS = sorted(field for name, field in SEGMENT_FIELDS.items()
+                       if name.startswith("header.") and field[0] < CLOSE_FLAG_OFFSET)
+DESC_OFFSET, DESC_BYTES = SEGMENT_FIELDS["desc"]
 
 
 def _valid_segment(slots: int, slot_bytes: int, ordered: bool) -> bytes:
     with Ring.create(slots, slot_bytes, ordered=ordered) as ring:
-        return bytes(ffi.buffer(ring._base, ring.nbytes))
+        return bytes(ffi.buffer(ring._base, ring.segment_bytes))
 
 
 VALID_SEGMENTS = [_valid_segment(1, 1, True), _valid_segment(3, 5000, False)]
@@ -68,7 +70,7 @@ def attach_must_not_crash(data: bytes) -> None:
         assert 1 <= ring.slots <= MAX_SLOTS and 1 <= ring.slot_bytes <= MAX_SLOT_BYTES
         assert ring.slot_bytes <= ring.slot_stride and ring.slot_stride % PAGE == 0
         assert ring.data_address - int(ffi.cast("uintptr_t", ring._base)) + ring.data_nbytes <= len(data)
-        assert ring.nbytes == len(data)
+        assert ring.segment_bytes == len(data)
         # And reading its state through the API stays inside the mapping.
         ring.counters()
         ring.occupancy()
@@ -138,11 +140,11 @@ def test_attach_survives_header_fields_set_to_arbitrary_values(base, changes, cu
 def test_attach_survives_a_self_consistent_header_of_any_size(base, slots, slot_bytes, extra):
     # Every geometry field agrees with the others, so only the bounds checks stand in the way.
     stride = -(-slot_bytes // PAGE) * PAGE
-    data_offset = -(-(8192 + slots * 64) // PAGE) * PAGE
+    data_offset = -(-(DESC_OFFSET + slots * DESC_BYTES) // PAGE) * PAGE
     data = bytearray(base)
-    for offset, size, value in [(24, 4, slots), (32, 8, slot_bytes), (40, 8, stride), (64, 8, data_offset),
-                                (16, 8, data_offset + slots * stride + extra)]:
-        _set_field(data, (offset, size), value)
+    for name, value in [("slot_count", slots), ("slot_bytes", slot_bytes), ("slot_stride", stride),
+                        ("data_offset", data_offset), ("segment_bytes", data_offset + slots * stride + extra)]:
+        _set_field(data, SEGMENT_FIELDS[f"header.{name}"], value)
     attach_must_not_crash(bytes(data))
 
 

@@ -109,6 +109,32 @@ def test_every_batch_from_many_producers_arrives_once_intact(start, ordered, slo
     assert counters["stale_commits"] == counters["aborts"] == 0
 
 
+def unnumbered_producer(handle: RingHandle, count: int) -> None:
+    """Claims without naming a batch: the ring numbers them (unordered rings only)."""
+    with Ring.attach(handle) as ring:
+        for _ in range(count):
+            slot = ring.claim(timeout=60)
+            write_batch(slot, slot.seq)
+
+
+def test_unordered_claims_without_a_seq_get_distinct_seqs_across_processes(start):
+    # The sequence comes from a counter in the segment, not from each process: two producers
+    # (and the creator, claiming too) never number two batches alike.
+    n_each = 300
+    with Ring.create(4, SLOT_BYTES, ordered=False) as ring:
+        producers = [start(unnumbered_producer, ring.handle, n_each) for _ in range(2)]
+        seqs = []
+        for _ in range(20):
+            slot = ring.claim(timeout=60)
+            write_batch(slot, slot.seq)
+            with ring.acquire(timeout=60) as got:  # this batch or a producer's
+                seqs.append(check_batch(got))
+        seqs += consume_all(ring, 2 * n_each, producers)
+        join_all(producers)
+        assert ring.try_acquire() is None
+    assert sorted(seqs) == list(range(2 * n_each + 20))
+
+
 def test_ordered_delivery_holds_when_producers_own_contiguous_ranges(start):
     # Producer 1 can only run `slots` batches ahead of producer 0's last one: the ring backpressures it.
     n, workers = 1200, 3

@@ -56,6 +56,14 @@ def acquired_now(feed) -> int:
     return feed.ring.occupancy()["acquired"]
 
 
+def wait_until(check, what: str, timeout: float = 60.0) -> None:
+    """Wait for a condition another thread brings about; the deadline only turns a hang into a failure."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"still not true after {timeout} s: {what}"
+        time.sleep(0.01)
+
+
 @pytest.fixture(scope="module")
 def feed(ray_session):
     with Feed(SPEC, fill=fill_poisoned, length=LENGTH, workers=2, slots=8, prefetch=3) as f:
@@ -90,8 +98,8 @@ def test_prefetch_depth_is_reached_and_never_exceeded(feed, epochs, prefetch):
     most_acquired = 0
     with Stage(feed, epochs(), numpy_target(feed), prefetch=prefetch) as stage:
         for n, batch in enumerate(stage):
-            if n == 2:
-                time.sleep(0.3)  # let the thread fill up to its limit once
+            if n == 2:  # let the thread fill up to its limit once
+                wait_until(lambda: stage.max_ahead == prefetch, f"{prefetch} batches staged ahead")
             most_acquired = max(most_acquired, acquired_now(feed))
             assert stage.held <= prefetch + 1
     assert stage.max_ahead == prefetch   # reached...
@@ -180,12 +188,10 @@ def test_an_asynchronously_copied_slot_is_released_only_after_its_event(feed, ep
     released: list[int] = []
     with Stage(feed, epochs(), target, prefetch=2, on_release=lambda s: released.append(s.seq)) as stage:
         first = next(stage)
-        time.sleep(0.2)
-        assert released == [] and stage.held == 3  # three staged, none of their copies done
+        wait_until(lambda: stage.held == 3, "three batches staged")
+        assert released == []  # none of their copies done
         target.events[first.seq].done.set()
-        deadline = time.monotonic() + 10
-        while not released and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: released, "the first batch released once its event is done")
         assert released == [first.seq]
         for event in target.events.values():
             event.done.set()
@@ -211,7 +217,7 @@ def _dropped_after_one(feed, e):
 def _closed_full(feed, e):
     stage = Stage(feed, e, numpy_target(feed), prefetch=3)
     next(stage)
-    time.sleep(0.3)  # queue full, the loop holding one batch
+    wait_until(lambda: stage.held == 4, "queue full (3), the loop holding one batch")
     stage.close()
     assert stage.held == 0
 
@@ -434,15 +440,16 @@ def test_cuda_target_bookkeeping_with_a_stand_in_for_torch_cuda(feed, epochs, mo
 
 def test_state_dict_counts_only_batches_the_loop_has_had(feed, epochs):
     e = epochs()
+    acquires_before = feed.ring.counters()["acquires"]
     with Stage(feed, e, numpy_target(feed), prefetch=3) as stage:
         for _ in range(5):
             next(stage)
-        time.sleep(0.3)  # the thread has taken three more from the ring
-        assert stage.max_ahead == 3
+        wait_until(lambda: stage.max_ahead == 3, "the thread has taken three more from the ring")
         assert (feed.state_dict()["epoch"], feed.state_dict()["position"]) == (e, 5)
         for _ in range(LENGTH - 7):
             next(stage)
-        time.sleep(0.3)  # the ring side of the epoch is over; the loop has not had the last two
+        wait_until(lambda: feed.ring.counters()["acquires"] - acquires_before == LENGTH,
+                   "the ring side of the epoch is over")  # the loop has not had the last two
         assert (feed.state_dict()["epoch"], feed.state_dict()["position"]) == (e, LENGTH - 2)
     # Closed early: the two staged batches were given back undelivered, so resuming starts with them.
     assert (feed.state_dict()["epoch"], feed.state_dict()["position"]) == (e, LENGTH - 2)

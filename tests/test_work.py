@@ -168,7 +168,7 @@ def test_round_robin_survives_a_producer_killed_mid_epoch(ray_session, tmp_path)
 def test_sigkill_of_every_producer_between_epochs(ray_session):
     with Feed(SPEC, fill=worker_fill, length=20, workers=2) as feed:
         assert [b.index for b in feed.epoch(0)] == list(range(20))
-        wait_until(lambda: all(p.pids for p in feed._dispatcher.slots), 60, "every producer started")
-        for p in feed._dispatcher.slots:
+        wait_until(lambda: all(p.pids for p in feed._dispatcher.positions), 60, "every producer started")
+        for p in feed._dispatcher.positions:
             os.kill(p.pids[-1], signal.SIGKILL)
         assert [b.index for b in feed.epoch(1)] == list(range(20))

@@ -32,7 +32,7 @@ def _aligned_copy(a: np.ndarray) -> np.ndarray:
 
 
 def dataset(feed: Any, *, keys: Sequence[str] | None = None, start_epoch: int = 0,
-            prefetch: int | None = None, fixed_batch: bool = False):
+            prefetch: int | None = None, fixed_batch: bool = False) -> Any:
     """A ``tf.data.Dataset`` of the feed's batches; each iteration of it is the feed's next epoch.
 
     Elements are dicts of tensors (named spec), tuples (positional spec), or

@@ -12,6 +12,7 @@ the new phase (``--plot`` draws it).
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 
 import pyshmfeed as sf
+from pyshmfeed.source import FillSource, SlotArrays, SourceContext
 
 SPEC = sf.BatchSpec(x=((256, 1024), "float32"))  # 1 MiB
 MANUAL = (1, 2, 4, 8, 16)
@@ -29,7 +31,7 @@ class IOSource:
     def __init__(self, io_s: float, switch_at: float | None = None, io_after: float | None = None) -> None:
         self.io_s, self.switch_at, self.io_after = io_s, switch_at, io_after
 
-    def __call__(self, index: int, out, ctx) -> None:
+    def __call__(self, index: int, out: SlotArrays, ctx: SourceContext) -> None:
         io = self.io_s
         if self.switch_at is not None and self.io_after is not None and time.time() >= self.switch_at:
             io = self.io_after
@@ -50,7 +52,7 @@ class CPUSource:
             a = np.sin(a @ a / 256.0)
         return float(a[0, 0])
 
-    def __call__(self, index: int, out, ctx) -> None:
+    def __call__(self, index: int, out: SlotArrays, ctx: SourceContext) -> None:
         if self.rounds is None:
             t0 = time.process_time()
             self._work(8, 0)
@@ -92,7 +94,7 @@ def _run(source, *, workers, step: float, seconds: float, warm: float, **options
             "decisions": stats.get("autotune", {}).get("decisions", []), "trace": trace}
 
 
-def workload(name: str, source, step: float, seconds: float, warm: float, auto_warm: float) -> dict[str, Any]:
+def workload(name: str, source: FillSource, step: float, seconds: float, warm: float, auto_warm: float) -> dict[str, Any]:
     rows = [_run(source, workers=w, slots=max(2 * w, 4), step=step, seconds=seconds, warm=warm) for w in MANUAL]
     # auto's steady state comes once the controller converged (the decisions show when).
     auto = _run(source, workers="auto", memory_budget=BUDGET, step=step, seconds=seconds, warm=auto_warm)
@@ -109,7 +111,7 @@ def phase_change(seconds: float = 16.0, switch_after: float = 6.0) -> dict[str, 
     return {"switch_after_s": switch_after, **run}
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     seconds = args.autotune_seconds
     result = {"io": workload("I/O-bound: 50 ms wait + 1 MiB fill, loop step 5 ms", IOSource(0.05), 0.005,
                              seconds, 1.0, 8.0),

@@ -573,7 +573,7 @@ class Stage(Iterator[Batch]):
     def __enter__(self) -> "Stage":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __del__(self) -> None:

@@ -332,7 +332,7 @@ def _torch_dtype(dtype: np.dtype):
     return t
 
 
-def check_cuda_device(device: Any):
+def check_cuda_device(device: Any) -> Any:
     """``device`` as a ``torch.device`` of type cuda with an index, or ``InvalidArgument`` saying why not."""
     torch = _torch()
     try:

@@ -533,6 +533,38 @@ static int test_unordered_reuses_released_slots(void)
     return 0;
 }
 
+/* Claims that name no sequence take the segment's counter: distinct across handles
+ * (processes), none used by a claim that finds no free slot, refused on ordered rings. */
+static int test_unordered_claim_next_takes_the_segments_counter(void)
+{
+    shmfeed_ring *ring = make_ring(3, 64, 0), *peer = NULL, *ordered_ring = make_ring(2, 64, SHMFEED_ORDERED);
+    shmfeed_claimed c0, c1, c2, c;
+    shmfeed_acquired a;
+    char path[128], err[256];
+    CHECK(ring && ordered_ring);
+    CHECK_RC(shmfeed_ring_path(ring, path, sizeof path), SHMFEED_OK);
+    CHECK_RC(shmfeed_ring_attach(path, &peer, err, sizeof err), SHMFEED_OK);
+    CHECK_RC(shmfeed_claim_next(ring, OWNER_A, 0, &c0), SHMFEED_OK);
+    CHECK_RC(shmfeed_claim_next(peer, OWNER_B, 0, &c1), SHMFEED_OK);
+    CHECK_RC(shmfeed_claim_next(ring, OWNER_A, 0, &c2), SHMFEED_OK);
+    CHECK_EQ(c0.seq, 0);
+    CHECK_EQ(c1.seq, 1);
+    CHECK_EQ(c2.seq, 2);
+    CHECK_RC(shmfeed_claim_next(peer, OWNER_B, 0, &c), SHMFEED_E_AGAIN); /* full: takes no sequence */
+    CHECK_RC(shmfeed_commit(peer, &c1, 1), SHMFEED_OK);
+    CHECK_RC(shmfeed_acquire(ring, 0, &a), SHMFEED_OK);
+    CHECK_EQ(a.seq, 1);
+    CHECK_RC(shmfeed_release(ring, &a), SHMFEED_OK);
+    CHECK_RC(shmfeed_claim_next(peer, OWNER_B, 0, &c), SHMFEED_OK);
+    CHECK_EQ(c.seq, 3);
+    CHECK_RC(shmfeed_claim_next(ordered_ring, OWNER_A, 0, &c), SHMFEED_E_INVAL);
+    CHECK_RC(shmfeed_claim_next(ring, 0, 0, &c), SHMFEED_E_INVAL);
+    CHECK_RC(shmfeed_ring_detach(peer), SHMFEED_OK);
+    CHECK_RC(shmfeed_ring_detach(ring), SHMFEED_OK);
+    CHECK_RC(shmfeed_ring_detach(ordered_ring), SHMFEED_OK);
+    return 0;
+}
+
 static int test_unordered_abort_and_reclaim(void)
 {
     shmfeed_ring *ring = make_ring(3, 64, 0);
@@ -1004,6 +1036,7 @@ int main(void)
     RUN(failures, test_reclaim_reports_the_claimed_seq_of_a_cut_short_claim);
     RUN(failures, test_unordered_delivers_in_commit_order);
     RUN(failures, test_unordered_reuses_released_slots);
+    RUN(failures, test_unordered_claim_next_takes_the_segments_counter);
     RUN(failures, test_unordered_abort_and_reclaim);
     RUN(failures, test_timeouts_ordered);
     RUN(failures, test_timeouts_unordered);

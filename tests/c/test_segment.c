@@ -597,6 +597,37 @@ static int test_limits_are_the_layouts(void)
     return 0;
 }
 
+/* The field table Python reads is layout.h's: a few entries checked against the structs. */
+static int test_layout_fields_are_the_structs(void)
+{
+    const shmfeed_field *fields;
+    uint32_t n, seen = 0;
+    CHECK_RC(shmfeed_layout_fields(&fields, &n), SHMFEED_OK);
+    CHECK_RC(shmfeed_layout_fields(NULL, &n), SHMFEED_E_INVAL);
+    CHECK_EQ(shmfeed_layout_magic(), SHMFEED_MAGIC);
+    CHECK_EQ(shmfeed_layout_version(), SHMFEED_LAYOUT_VERSION);
+    for (uint32_t i = 0; i < n; i++) {
+        const shmfeed_field *f = &fields[i];
+        if (!strcmp(f->name, "header.creator_pid")) {
+            CHECK_EQ(f->offset, offsetof(shm_header, creator_pid));
+            CHECK_EQ(f->size, 4);
+            seen++;
+        } else if (!strcmp(f->name, "consumer.head")) {
+            CHECK_EQ(f->offset, SHMFEED_COUNTERS_OFFSET + offsetof(shm_counters, consumer.head));
+            seen++;
+        } else if (!strcmp(f->name, "desc")) {
+            CHECK_EQ(f->offset, SHMFEED_DESC_OFFSET);
+            CHECK_EQ(f->size, sizeof(shm_slot_desc));
+            seen++;
+        } else if (!strcmp(f->name, "desc.waiters")) {
+            CHECK_EQ(f->offset, offsetof(shm_slot_desc, waiters));
+            seen++;
+        }
+    }
+    CHECK_EQ(seen, 4);
+    return 0;
+}
+
 /* Retire gives the segment up (name, descriptor, shared pages) but keeps the range readable. */
 static int test_retire_keeps_the_range_as_zeros_and_gives_the_segment_up(void)
 {
@@ -716,6 +747,7 @@ int main(void)
     RUN(failures, test_named_segment);
     RUN(failures, test_memory_available_with_no_out_leaks_nothing);
     RUN(failures, test_limits_are_the_layouts);
+    RUN(failures, test_layout_fields_are_the_structs);
     RUN(failures, test_retire_keeps_the_range_as_zeros_and_gives_the_segment_up);
     RUN(failures, test_forked_child_never_unlinks_its_parents_segment);
     RUN(failures, test_truncated_named_segment_is_corrupt_never_sigbus);

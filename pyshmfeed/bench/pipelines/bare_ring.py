@@ -12,8 +12,10 @@ from __future__ import annotations
 import multiprocessing as mp
 import queue as queue_module
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from multiprocessing import shared_memory
+from typing import Any
 
 import numpy as np
 
@@ -48,7 +50,7 @@ def _produce(name: str, free, ready, worker: int, num_workers: int, length: int,
 
 
 @contextmanager
-def open_bare_ring(w: Workload, length: int, run: RunContext):
+def open_bare_ring(w: Workload, length: int, run: RunContext) -> Iterator[Iterator[Any]]:
     ctx = mp.get_context("fork")
     slots = 2 * w.workers
     stride = 4 * (int(np.prod(w.shape)) + int(np.prod(w.label_shape)))

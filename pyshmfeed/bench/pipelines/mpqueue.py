@@ -11,7 +11,9 @@ import multiprocessing as mp
 import queue as queue_module
 import time
 import traceback
+from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 from ..workload import Workload, make_batch
 from . import RunContext
@@ -33,7 +35,7 @@ def _produce(batches: mp.Queue, stop, worker: int, num_workers: int, length: int
 
 
 @contextmanager
-def open_mpqueue(w: Workload, length: int, run: RunContext):
+def open_mpqueue(w: Workload, length: int, run: RunContext) -> Iterator[Iterator[Any]]:
     ctx = mp.get_context()
     batches = ctx.Queue(maxsize=2 * w.workers)
     stop = ctx.Event()

@@ -9,8 +9,11 @@ and takes them in order.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
+import numpy as np
 import ray
 
 from ..workload import Workload, make_batch
@@ -23,12 +26,12 @@ class BatchProducer:
     def __init__(self, w: Workload) -> None:
         self.w = w
 
-    def make(self, index: int):
+    def make(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         return make_batch(index, self.w)
 
 
 @contextmanager
-def open_ray_actors(w: Workload, length: int, run: RunContext):
+def open_ray_actors(w: Workload, length: int, run: RunContext) -> Iterator[Iterator[Any]]:
     cpus = run.producer_cpus(w.workers)
     run.extra["producer_num_cpus"] = cpus
     producer = ray.remote(num_cpus=cpus)(BatchProducer)

@@ -12,7 +12,9 @@ about sequential speed.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 import ray
@@ -28,7 +30,7 @@ def _make_rows(rows: dict[str, np.ndarray], w: Workload) -> dict[str, np.ndarray
 
 
 @contextmanager
-def open_ray_data(w: Workload, length: int, run: RunContext):
+def open_ray_data(w: Workload, length: int, run: RunContext) -> Iterator[Iterator[Any]]:
     context = ray.data.DataContext.get_current()
     saved = (context.op_resource_reservation_enabled, context.enable_progress_bars)
     context.op_resource_reservation_enabled = False

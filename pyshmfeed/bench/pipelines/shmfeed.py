@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import os
 import time
-from contextlib import contextmanager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
+from typing import Any
 
 import pyshmfeed as sf
+from pyshmfeed.source import SlotArrays, SourceContext
 
 from ..workload import Workload, fill_batch, make_batch, measure
 from . import RunContext
@@ -25,7 +28,7 @@ class MakeSource:
     def __init__(self, w: Workload) -> None:
         self.w = w
 
-    def __call__(self, index: int, ctx) -> dict:
+    def __call__(self, index: int, ctx: SourceContext) -> dict:
         x, y = make_batch(index, self.w)
         return {"x": x, "y": y}
 
@@ -36,7 +39,7 @@ class FillSource:
     def __init__(self, w: Workload) -> None:
         self.w = w
 
-    def __call__(self, index: int, out, ctx) -> None:
+    def __call__(self, index: int, out: SlotArrays, ctx: SourceContext) -> None:
         fill_batch(index, out["x"], out["y"], self.w)
 
 
@@ -92,11 +95,11 @@ def _open(w: Workload, length: int, run: RunContext, source: dict):
     sf.release_producers()
 
 
-def open_make(w: Workload, length: int, run: RunContext):
+def open_make(w: Workload, length: int, run: RunContext) -> AbstractContextManager[Iterator[Any]]:
     return _open(w, length, run, {"make": MakeSource(w)})
 
 
-def open_fill(w: Workload, length: int, run: RunContext):
+def open_fill(w: Workload, length: int, run: RunContext) -> AbstractContextManager[Iterator[Any]]:
     return _open(w, length, run, {"fill": FillSource(w)})
 
 

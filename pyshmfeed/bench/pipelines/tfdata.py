@@ -11,7 +11,9 @@ interleave and prefetch stages); with the default, two cores run two at a time.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before the import: silences start-up chatter
 
@@ -26,7 +28,7 @@ def _signature(w: Workload):
 
 
 @contextmanager
-def open_prefetch(w: Workload, length: int, run: RunContext):
+def open_prefetch(w: Workload, length: int, run: RunContext) -> Iterator[Iterator[Any]]:
     ds = tf.data.Dataset.from_generator(lambda: shard_batches(0, 1, length, w), output_signature=_signature(w))
     ds = ds.prefetch(tf.data.AUTOTUNE)
     iterator = ds.as_numpy_iterator()
@@ -37,7 +39,7 @@ def open_prefetch(w: Workload, length: int, run: RunContext):
 
 
 @contextmanager
-def open_interleave(w: Workload, length: int, run: RunContext):
+def open_interleave(w: Workload, length: int, run: RunContext) -> Iterator[Iterator[Any]]:
     workers = w.workers
 
     def shard(k):

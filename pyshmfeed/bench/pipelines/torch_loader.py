@@ -8,8 +8,11 @@ With CUDA, ``pin_memory=True`` adds a copy into pinned memory on a thread.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -24,7 +27,7 @@ class ShardedBatches(IterableDataset):
         self.w = w
         self.length = length
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         info = get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info is not None else (0, 1)
         for index in self.w.shard(worker, num_workers, self.length):
@@ -32,7 +35,7 @@ class ShardedBatches(IterableDataset):
 
 
 @contextmanager
-def open_dataloader(w: Workload, length: int, run: RunContext):
+def open_dataloader(w: Workload, length: int, run: RunContext) -> Iterator[Iterator[Any]]:
     with warnings.catch_warnings():
         # More workers than cores is deliberate: the producers sleep on (simulated) I/O.
         warnings.filterwarnings("ignore", message="This DataLoader will create", category=UserWarning)
