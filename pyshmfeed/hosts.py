@@ -14,7 +14,8 @@ NOTE [warm producers]
            to this process's pool, keyed by their actor options; the next
            feed with the same options takes them instead of starting actors.
            ``stop()`` gives a host still finishing the batch it had when the
-           ring closed ``RETURN_S`` to return; one that does not, one still
+           ring closed 1.5 of its batch times to return (``return_grace``,
+           0.25–2 s: ``close()`` waits that long at most); one that does not, one still
            starting, one that died or was killed (lease, Ray's death) is
            killed, never pooled. (No thread waits for late ones: a Ray call
            from a background thread into a Ray that was just shut down ends
@@ -46,7 +47,7 @@ from .procs import wait_dead
 from .producer import Producer
 
 IDLE_S = 30.0     # an idle host is killed after this long in the pool
-RETURN_S = 0.5    # after its ring closed, a serve() that has not returned by then is killed, not pooled
+RETURN_S = (0.25, 2.0)  # after its ring closed, a serve() has 1.5 batch times within these bounds to return
 _REAP_TICK_S = 1.0
 
 
@@ -90,6 +91,12 @@ _ray_calls = threading.Lock()  # held by the reaper around its Ray calls, and by
 _idle: dict[Any, list[Host]] = {}
 _session: Any = None       # the Ray session the idle hosts belong to
 _reaper: threading.Thread | None = None
+
+
+def return_grace(seconds_per_batch: float) -> float:
+    """How long a closed feed waits for its producers' serve() to return: 1.5 batch times, bounded."""
+    low, high = RETURN_S
+    return min(high, max(low, 1.5 * seconds_per_batch))
 
 
 def _current_session() -> Any:
@@ -201,4 +208,4 @@ def key(node_id: str, num_cpus: float, actor_options: dict[str, Any]) -> tuple[s
 
 
 __all__ = ["IDLE_S", "RETURN_S", "Host", "ProducerHost", "borrow", "forget", "give_back", "idle_pids", "key",
-           "release_idle"]
+           "release_idle", "return_grace"]

@@ -33,8 +33,8 @@ NOTE [supervision]
            starts: ``raise_if_failed`` says so within ``RAY_LOST_S``.
   stop     The feed closes the ring (every ``serve()`` returns once its batch
            in hand is done), then ``stop()`` gives the hosts whose ``serve()``
-           returned within ``hosts.RETURN_S`` back to the pool, kills the rest
-           and waits, boundedly, for their pids.
+           returned within 1.5 batch times (``hosts.return_grace``) back to
+           the pool, kills the rest and waits, boundedly, for their pids.
 """
 
 from __future__ import annotations
@@ -314,13 +314,19 @@ class Supervisor(threading.Thread):
             wait_dead(pid, polite_s=2.0)
 
     def _collect_returns(self) -> None:
-        """The ring is closed: each serve() returns once its batch in hand is done. Give them
-        ``hosts.RETURN_S`` together; those that returned go back to the pool."""
+        """The ring is closed: each serve() returns once its batch in hand is done. Give them together
+        one and a half batch times (``hosts.return_grace``); those that returned go back to the pool."""
         serving = {p.serve_ref: p for p in self.positions if p.serve_ref is not None and p.ready_ref is None}
         if not serving:
             return
+        per_batch = 0.0
+        for p in serving.values():
+            with contextlib.suppress(errors.ShmfeedError):
+                rec = self.work.record(p.worker)
+                if rec.batches:
+                    per_batch = max(per_batch, rec.busy_ns / rec.batches / 1e9)
         with contextlib.suppress(Exception):
-            done, _ = self._ray.wait(list(serving), num_returns=len(serving), timeout=hosts.RETURN_S)
+            done, _ = self._ray.wait(list(serving), num_returns=len(serving), timeout=hosts.return_grace(per_batch))
             for ref in done:
                 p = serving[ref]
                 with contextlib.suppress(Exception):

@@ -69,7 +69,7 @@ def test_a_feed_closed_mid_batch_pools_its_hosts_once_their_batch_ends(ray_sessi
     next(batches)
     pids = running_pids(feed)
     batches.close()
-    feed.close()  # the producers are inside slow_fill: close gives them hosts.RETURN_S to finish it
+    feed.close()  # the producers are inside slow_fill: close gives them 1.5 batch times to finish it
     assert pids <= hosts.idle_pids()
     # The next feed works in them, and sees none of the old feed's batches.
     with Feed(SPEC, fill=fill, length=LENGTH, workers=2) as again:
