@@ -226,8 +226,10 @@ class _Producers:
 
         self.num_workers = loader.num_workers
         self.options = dict(loader.feed_options)
-        self.lease = raylife.acquire(self.options.get("address"), self.num_workers,
-                                     self.options.get("num_cpus", 0.25))
+        # Workers reserve no Ray CPUs (torch's reserve nothing either): with a fraction each, a few live
+        # loaders would exhaust a small cluster and a new loader's producers would wait for CPUs forever.
+        self.options.setdefault("num_cpus", 0)
+        self.lease = raylife.acquire(self.options.get("address"), self.num_workers, self.options["num_cpus"])
         try:
             self.plans = torch_worker.plans_actor_class().remote()
         except BaseException:
