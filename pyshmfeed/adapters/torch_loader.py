@@ -68,6 +68,9 @@ _MIN_SLOT_BYTES = 64 << 10
 _UNKNOWN_SLOT_BYTES = 1 << 20  # when the probe learnt nothing (the first batch raised): batches that
                                # do not fit are stashed, never lost
 _SLOT_HEADROOM = 1.25          # batches a little larger than the first still fit in their slot
+_COLD_PROBE_S = 30.0           # the first probe of a process also starts a Ray worker and imports torch there:
+                               # that much more than ``timeout`` (the dataset's time) before it times out
+_probed_once = False
 
 
 _T_co = TypeVar("_T_co", covariant=True)
@@ -420,12 +423,16 @@ class _RingLoaderIter(_BaseDataLoaderIter):
         loader, p = self._loader, self._producers
         slot_bytes = loader._known_slot_bytes
         if slot_bytes is None:
+            global _probed_once
             wait_s = None if self._deadline is None else max(self._deadline - time.monotonic(), 0.001)
+            if wait_s is not None and not _probed_once:
+                wait_s += _COLD_PROBE_S
             try:
                 needed = p.probe(plan, loader, wait_s)
             except p._ray.exceptions.GetTimeoutError:
                 self._timed_out = True
                 raise RuntimeError(f"DataLoader timed out after {self._timeout} seconds") from None
+            _probed_once = True
             slot_bytes = _slot_bytes_for(needed, batches, self._auto_collation)
             loader._known_slot_bytes = slot_bytes
         p.start(loader, slot_bytes, length)
