@@ -9,10 +9,12 @@ test here asserts a time: waits are on conditions, speed is in bench/.
 from __future__ import annotations
 
 import collections
+import ctypes
 import gc
 import os
 import pickle
 import random
+import signal
 import threading
 import time
 import typing
@@ -92,6 +94,25 @@ class FailsAt(Dataset):
         if i in self.bad:
             raise self.error_type(f"sample {i} is broken")
         return torch.tensor([i])
+
+
+class Crashes(Dataset):
+    """``dataset[i]`` ends its process: a segfault (``"segv"``), or SIGKILL (``"kill"``, which no handler sees)."""
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+        self.training_pid = os.getpid()
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int):
+        if os.getpid() == self.training_pid:
+            raise AssertionError("dataset[i] ran in the training process")
+        if self.how == "segv":
+            return ctypes.string_at(0)
+        os.kill(os.getpid(), signal.SIGKILL)
+        return i
 
 
 class ShardedStream(IterableDataset):
@@ -397,6 +418,22 @@ def test_an_exception_in_worker_init_fn_is_the_first_batch_s_like_torch(ray_sess
     with DataLoader(Counting(8), batch_size=2, num_workers=2, worker_init_fn=init) as loader:
         with pytest.raises(RuntimeError, match="init of 0 failed"):
             list(loader)
+
+
+def test_a_worker_killed_by_a_signal_raises_torch_s_runtime_error_with_its_pid_and_signal(ray_session):
+    with DataLoader(Crashes("segv"), batch_size=2, num_workers=2) as loader:
+        with pytest.raises(RuntimeError, match=r"DataLoader worker \(pid \d+\) is killed by signal: "
+                                               r"Segmentation fault\. ") as caught:
+            next(iter(loader))
+    lost = caught.value.__cause__
+    assert lost.signal == signal.SIGSEGV and lost.pid not in (None, os.getpid())
+    assert f"(pid {lost.pid})" in str(caught.value)
+
+
+def test_a_worker_killed_without_a_trace_raises_torch_s_exited_unexpectedly(ray_session):
+    with DataLoader(Crashes("kill"), batch_size=2, num_workers=2) as loader:
+        with pytest.raises(RuntimeError, match=r"DataLoader worker \(pid\(s\) \d+\) exited unexpectedly"):
+            next(iter(loader))
 
 
 # ---- iterable datasets and get_worker_info ----------------------------------------------------------

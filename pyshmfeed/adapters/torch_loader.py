@@ -503,7 +503,7 @@ class _RingLoaderIter(_BaseDataLoaderIter):
             except errors.ProducerLost as exc:
                 self._slots = None
                 self._done = True
-                raise RuntimeError(f"DataLoader worker exited unexpectedly ({exc})") from exc
+                raise RuntimeError(_worker_death_message(exc)) from exc
             arena = batch[0].view()
             arena.flags.writeable = True  # the loop's batch may be written; the slot is its own until released
             try:
@@ -613,6 +613,18 @@ class _RingLoaderIter(_BaseDataLoaderIter):
             producers.reusable = False
         with contextlib.suppress(Exception):
             self._loader._give_back(producers)
+
+
+def _worker_death_message(exc: errors.ProducerLost) -> str:
+    """torch's words for a dead worker (its pid, and the signal when it died of one), then ours."""
+    if exc.pid is not None and exc.signal is not None:
+        import signal
+
+        description = signal.strsignal(exc.signal) or f"signal {exc.signal}"
+        return f"DataLoader worker (pid {exc.pid}) is killed by signal: {description}. ({exc})"
+    if exc.pid is not None:
+        return f"DataLoader worker (pid(s) {exc.pid}) exited unexpectedly ({exc})"
+    return f"DataLoader worker exited unexpectedly ({exc})"
 
 
 def _index_table(batches: list, auto_collation: bool) -> dict[str, Any]:
