@@ -421,19 +421,19 @@ def test_an_exception_in_worker_init_fn_is_the_first_batch_s_like_torch(ray_sess
 
 
 def test_a_worker_killed_by_a_signal_raises_torch_s_runtime_error_with_its_pid_and_signal(ray_session):
-    with DataLoader(Crashes("segv"), batch_size=2, num_workers=2) as loader:
-        with pytest.raises(RuntimeError, match=r"DataLoader worker \(pid \d+\) is killed by signal: "
-                                               r"Segmentation fault\. ") as caught:
-            next(iter(loader))
+    message = r"DataLoader worker \(pid \d+\) is killed by signal: Segmentation fault\. "
+    with DataLoader(Crashes("segv"), batch_size=2, num_workers=2) as loader, \
+            pytest.raises(RuntimeError, match=message) as caught:
+        next(iter(loader))
     lost = caught.value.__cause__
     assert lost.signal == signal.SIGSEGV and lost.pid not in (None, os.getpid())
     assert f"(pid {lost.pid})" in str(caught.value)
 
 
 def test_a_worker_killed_without_a_trace_raises_torch_s_exited_unexpectedly(ray_session):
-    with DataLoader(Crashes("kill"), batch_size=2, num_workers=2) as loader:
-        with pytest.raises(RuntimeError, match=r"DataLoader worker \(pid\(s\) \d+\) exited unexpectedly"):
-            next(iter(loader))
+    with DataLoader(Crashes("kill"), batch_size=2, num_workers=2) as loader, \
+            pytest.raises(RuntimeError, match=r"DataLoader worker \(pid\(s\) \d+\) exited unexpectedly"):
+        next(iter(loader))
 
 
 # ---- iterable datasets and get_worker_info ----------------------------------------------------------
