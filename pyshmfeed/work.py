@@ -121,7 +121,8 @@ class WorkArea:
         r = self._record
         check(lib.shmfeed_record_read(self.ring.c_handle(), rec, r), f"reading producer record {rec}")
         return Record(int(r.owner), int(r.task) - 1 if r.task else None, bool(r.intent), int(r.since_ns),
-                      int(r.busy_ns), int(r.batches), int(r.pid), int(r.next_gen), int(r.next_k), bool(r.stop), int(r.signal))
+                      int(r.busy_ns), int(r.batches), int(r.pid), int(r.next_gen), int(r.next_k), bool(r.stop),
+                      int(r.signal))
 
     def reset(self, rec: int) -> None:
         """Free record ``rec`` for a new producer (its previous one is dead and accounted for)."""
