@@ -582,6 +582,11 @@ def test_a_batch_slower_than_timeout_raises_torch_s_runtime_error(ray_session):
         it = iter(loader)
         with pytest.raises(RuntimeError, match=r"DataLoader timed out after 1 seconds"):
             next(it)
+    # torch's test_timeout: the first sample takes 3 s, longer than timeout, but not for ever
+    with DataLoader(Sleepy(3), batch_size=2, num_workers=2, timeout=1) as loader:
+        it = iter(loader)
+        with pytest.raises(RuntimeError, match=r"DataLoader timed out after 1 seconds"):
+            next(it)
     with DataLoader(Sleepy(0.2), batch_size=2, num_workers=2, timeout=60) as loader:
         assert [b.tolist() for b in loader] == [[0, 1], [2, 3], [4, 5]]
 

@@ -282,8 +282,9 @@ class _Producers:
             raise
 
     def probe(self, plan: torch_worker.Plan, loader: DataLoader, wait_s: float | None,
-              first_batch: bool = False) -> tuple[int | None, bytes | None]:
-        """(bytes a slot needs, or None; with ``first_batch``, worker 0's first batch pickled, or None)."""
+              first_batch: bool = False) -> tuple[int | None, bytes | None, float]:
+        """(bytes a slot needs, or None; with ``first_batch``, worker 0's first batch pickled, or None;
+        and the seconds worker 0 took for it, 0.0 if unknown)."""
         task = torch_worker.probe_first_batch_task() if first_batch else torch_worker.probe_task()
         ref = task.remote(plan.payload, plan, self.num_workers, loader._dataset_kind, loader._auto_collation,
                           loader.batch_size, loader.drop_last)
@@ -298,10 +299,10 @@ class _Producers:
             self._ray.cancel(ref, force=True)
             raise
         except self._ray.exceptions.RayError:
-            return None, None  # the producers meet the same failure and report it at its batch
+            return None, None, 0.0  # the producers meet the same failure and report it at its batch
         if isinstance(found, tuple):
             return found
-        return found, None
+        return found, None, 0.0
 
     def start(self, loader: DataLoader, slot_bytes: int, length: int) -> None:
         from ..feed import Feed
@@ -492,7 +493,7 @@ class _RingLoaderIter(_BaseDataLoaderIter):
     def _start_producers(self, plan: torch_worker.Plan, batches: list | None, length: int) -> None:
         loader, p = self._loader, self._producers
         slot_bytes = loader._known_slot_bytes
-        early = None
+        early, took = None, 0.0
         if slot_bytes is None:
             global _probed_once
             wait_s = None if self._deadline is None else max(self._deadline - time.monotonic(), 0.001)
@@ -501,13 +502,17 @@ class _RingLoaderIter(_BaseDataLoaderIter):
             # Map-style, the epoch's first batch: the probe's batch is served as batch 0 (NOTE [loader lifecycle])
             serve = self._dataset_kind == _DatasetKind.Map and plan.first == 0
             try:
-                needed, early = p.probe(plan, loader, wait_s, first_batch=serve)
+                needed, early, took = p.probe(plan, loader, wait_s, first_batch=serve)
             except p._ray.exceptions.GetTimeoutError:
                 self._timed_out = True
                 raise RuntimeError(f"DataLoader timed out after {self._timeout} seconds") from None
             _probed_once = True
             slot_bytes = _slot_bytes_for(needed, batches, self._auto_collation)
             loader._known_slot_bytes = slot_bytes
+        if early is not None and self._timeout > 0 and took > self._timeout:
+            # torch's worker 0 would have taken that long for batch 0 (its start and worker_init_fn included)
+            self._timed_out = True
+            raise RuntimeError(f"DataLoader timed out after {self._timeout} seconds")
         if early is not None:
             data = pickle.loads(early)
             if self._device is not None:

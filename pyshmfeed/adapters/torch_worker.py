@@ -391,16 +391,21 @@ def probe_task():
 
 
 def probe_first_batch(payload: list, plan: Plan, num_workers: int, kind: int, auto_collation: bool,
-                      batch_size: int | None, drop_last: bool) -> tuple[int, bytes | None] | None:
+                      batch_size: int | None, drop_last: bool) -> tuple[int, bytes | None, float] | None:
     """Map-style: ``probe``, and worker 0's first batch itself, pickled, for the loop to serve at once.
 
-    The loop returns that batch as batch 0 while the producers start, and
-    drops the copy producer 0 makes again (it makes it all the same, so its
-    random and dataset state then go on exactly as torch's worker 0's). The
-    batch is None when it does not pickle: the loop then waits for producer 0's.
+    Returns (bytes a slot needs, the batch pickled, seconds worker 0 took
+    from its start to the batch: what a torch worker's first batch costs,
+    without this process's own start). The loop returns that batch as batch
+    0 while the producers start, and drops the copy producer 0 makes again
+    (it makes it all the same, so its random and dataset state then go on
+    exactly as torch's worker 0's). The batch is None when it does not
+    pickle: the loop then waits for producer 0's.
     """
     import pickle
+    import time
 
+    t0 = time.monotonic()
     w = Worker(0, num_workers, kind, auto_collation, drop_last)
     w.start(plan)
     if w.init_error is not None:
@@ -413,14 +418,15 @@ def probe_first_batch(payload: list, plan: Plan, num_workers: int, kind: int, au
         needed = torch_slot.measure(data)
     except Exception:
         return None
+    elapsed = time.monotonic() - t0
     try:
         blob: bytes | None = pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL)
     except Exception:
         blob = None
-    return needed, blob
+    return needed, blob, elapsed
 
 
-def probe_first_batch_in_task(*args: Any) -> tuple[int, bytes | None] | None:
+def probe_first_batch_in_task(*args: Any) -> tuple[int, bytes | None, float] | None:
     """``probe_first_batch`` in a Ray task's process, which Ray reuses: leave no worker info behind."""
     from torch.utils.data._utils import worker as torch_worker
 
