@@ -391,6 +391,7 @@ class _RingLoaderIter(_BaseDataLoaderIter):
             raise
         self._slots = None               # the open chunk's slots_of generator
         self._pending_epoch: int | None = None  # its feed epoch while the producers start (then: _slots)
+        self._pending_post: Any = None   # ... and the ObjectRef of its plan's posting
         self._early: Any = None          # the probe's batch 0, served while the producers start
         self._drop_first = False         # ... so producer 0's own batch 0 is dropped
         self._plan: torch_worker.Plan | None = None
@@ -465,13 +466,14 @@ class _RingLoaderIter(_BaseDataLoaderIter):
         if p.feed is None and not p.starting:
             self._start_producers(plan, batches if self._dataset_kind == _DatasetKind.Map else None, length)
         feed_epoch = p.next_feed_epoch()
-        torch_worker.ray_get(p.plans.put.remote(feed_epoch, plan), f"posting the plan of chunk {feed_epoch}")
+        posted = p.plans.put.remote(feed_epoch, plan)
         self._plan = plan
         self._taken = 0
         self._batch_no += plan.count
-        if p.starting:
-            self._pending_epoch = feed_epoch
+        if p.starting:  # the plan actor may still be starting too: the producers need the plan only later
+            self._pending_epoch, self._pending_post = feed_epoch, posted
         else:
+            torch_worker.ray_get(posted, f"posting the plan of chunk {feed_epoch}")
             self._slots = p.feed.slots_of(feed_epoch, stop=self._should_stop)
         return True
 
@@ -488,6 +490,8 @@ class _RingLoaderIter(_BaseDataLoaderIter):
         if self._timeout > 0:  # pyshmfeed's own start-up is not the dataset's time
             self._deadline = time.monotonic() + self._timeout
         epoch, self._pending_epoch = self._pending_epoch, None
+        posted, self._pending_post = self._pending_post, None
+        torch_worker.ray_get(posted, f"posting the plan of chunk {epoch}")
         self._slots = p.feed.slots_of(epoch, stop=self._should_stop)
 
     def _start_producers(self, plan: torch_worker.Plan, batches: list | None, length: int) -> None:
@@ -531,7 +535,7 @@ class _RingLoaderIter(_BaseDataLoaderIter):
     def _end_chunk(self) -> None:
         """Close the open chunk: finished, or abandoned (the feed drains what producers still hold)."""
         self._release_held()
-        self._pending_epoch = None  # producers still starting: the plan was posted, no job yet; nothing to drain
+        self._pending_epoch = self._pending_post = None  # producers still starting: no job yet, nothing to drain
         self._early = None
         slots, self._slots = self._slots, None
         if slots is None:
