@@ -504,7 +504,8 @@ class _RingLoaderIter(_BaseDataLoaderIter):
             if wait_s is not None and not _probed_once:
                 wait_s += _COLD_PROBE_S
             # Map-style, the epoch's first batch: the probe's batch is served as batch 0 (NOTE [loader lifecycle])
-            serve = self._dataset_kind == _DatasetKind.Map and plan.first == 0
+            # (not with zero_copy: its batches are views of the slots, and the probe's is not)
+            serve = self._dataset_kind == _DatasetKind.Map and plan.first == 0 and not self._zero_copy
             try:
                 needed, early, took = p.probe(plan, loader, wait_s, first_batch=serve)
             except p._ray.exceptions.GetTimeoutError:
