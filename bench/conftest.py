@@ -99,3 +99,15 @@ def pytest_terminal_summary(terminalreporter) -> None:
             else:
                 cells.append(f"{rate / 1e9:.2f} ({rate / floor:.2f})")
         write(_row(label, cells))
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    """test_loader_bench.py: every torch row first (torch's workers fork this process, which must not be a Ray
+    driver yet), then pyshmfeed's rows, then the summaries; file order otherwise."""
+    def rank(item) -> int:
+        if item.path.name != "test_loader_bench.py":
+            return 0
+        if item.name.endswith("[torch]"):
+            return 0
+        return 2 if "[" not in item.name else 1
+    items.sort(key=rank)

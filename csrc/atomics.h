@@ -31,10 +31,12 @@
 
 _Static_assert(ATOMIC_LLONG_LOCK_FREE == 2, "64-bit atomics must be lock-free to live in shared memory");
 _Static_assert(ATOMIC_INT_LOCK_FREE == 2, "32-bit atomics must be lock-free to live in shared memory");
+_Static_assert(ATOMIC_SHORT_LOCK_FREE == 2, "16-bit atomics must be lock-free (a signal handler stores one)");
 
 typedef _Atomic uint64_t atomic_u64;
 typedef _Atomic uint32_t atomic_u32;
 typedef _Atomic int32_t atomic_i32;
+typedef _Atomic uint16_t atomic_u16;
 
 static inline uint64_t load_acquire64(atomic_u64 *p) { return atomic_load_explicit(p, memory_order_acquire); }
 static inline uint32_t load_acquire32(atomic_u32 *p) { return atomic_load_explicit(p, memory_order_acquire); }
@@ -45,6 +47,10 @@ static inline void store_release64(atomic_u64 *p, uint64_t v) { atomic_store_exp
 static inline void store_release32(atomic_u32 *p, uint32_t v) { atomic_store_explicit(p, v, memory_order_release); }
 static inline void store_relaxed64(atomic_u64 *p, uint64_t v) { atomic_store_explicit(p, v, memory_order_relaxed); }
 static inline void store_relaxed32(atomic_u32 *p, uint32_t v) { atomic_store_explicit(p, v, memory_order_relaxed); }
+static inline uint16_t load_acquire16(atomic_u16 *p) { return atomic_load_explicit(p, memory_order_acquire); }
+static inline uint16_t load_relaxed16(atomic_u16 *p) { return atomic_load_explicit(p, memory_order_relaxed); }
+static inline void store_release16(atomic_u16 *p, uint16_t v) { atomic_store_explicit(p, v, memory_order_release); }
+static inline void store_relaxed16(atomic_u16 *p, uint16_t v) { atomic_store_explicit(p, v, memory_order_relaxed); }
 
 /* The header's magic is a plain uint64_t in the layout (layout.h), not an _Atomic one, so it
  * goes through the compiler builtins; these are the only two such accesses. store_release_plain64

@@ -180,7 +180,8 @@ typedef struct shm_record {
     atomic_u64 busy_ns;      /* statistics, written by the producer only */
     atomic_u64 batches;
     atomic_u32 pid;
-    atomic_u32 stop;         /* the feed asked this producer to stop after its current task */
+    atomic_u16 stop;         /* the feed asked this producer to stop after its current task */
+    atomic_u16 signal;       /* the fatal signal the producer died of (NOTE [fatal signals], work.c); 0: none */
     atomic_u64 next;         /* round robin: task_make(gen, k) of its next task */
 } shm_record;
 

@@ -25,6 +25,9 @@
  * written `if (f(...)) { }` with a comment saying why. */
 #define SHMFEED_MUST_USE __attribute__((warn_unused_result))
 
+/* work.c: before a mapping goes (munmap, retire), the fatal-signal handler stops writing into it. */
+void shmfeed_fatal_forget(const shmfeed_ring *r);
+
 struct shmfeed_ring {
     uint8_t *base;            /* start of the mapping */
     uint64_t map_bytes;       /* length of the mapping, from fstat, not the header */

@@ -375,6 +375,7 @@ SHMFEED_MUST_USE int shmfeed_ring_check_backing(const shmfeed_ring *r, char *err
 static void ring_free(shmfeed_ring *r)
 {
     guard_forget(r);
+    shmfeed_fatal_forget(r);
     if (r->base && r->base != MAP_FAILED)
         munmap(r->base, r->map_bytes);
     if (r->fd >= 0)
@@ -396,6 +397,7 @@ SHMFEED_MUST_USE int shmfeed_ring_retire(shmfeed_ring *r)
      * segment's memory is released now, and a view still pointing here reads zeros rather
      * than faulting once ring_free unmaps. If the kernel refuses (no memory for the new
      * mapping), the shared mapping stays until ring_free: still safe to read, only later freed. */
+    shmfeed_fatal_forget(r);
     void *zeros = mmap(r->base, r->map_bytes, PROT_READ | PROT_WRITE,
                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED | MAP_NORESERVE, -1, 0);
     if (zeros != MAP_FAILED) {

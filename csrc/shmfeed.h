@@ -187,6 +187,8 @@ typedef struct shmfeed_record {
     uint32_t stop;            /* a stop was requested (shmfeed_record_stop) */
     uint64_t next_gen;        /* round robin: the job generation and ... */
     uint64_t next_k;          /* ... task number it takes next */
+    uint32_t signal;          /* the fatal signal its producer died of (shmfeed_record_watch_signals); 0: none */
+    uint32_t reserved;
 } shmfeed_record;
 
 /* Feed side. post publishes a new job (its generation and the previous
@@ -207,6 +209,10 @@ int shmfeed_max_producers(void);
 /* Producer side: take the next task (re-issued first), then claim/commit
  * its slot, then task_done. */
 int shmfeed_record_open(shmfeed_ring *ring, uint32_t rec, uint64_t owner, uint32_t pid);
+/* In the producer's process, after record_open: a fatal signal (SIGSEGV, SIGBUS, SIGFPE, SIGILL,
+ * SIGABRT) is written into record rec before the process goes on to die of it, so the feed can
+ * say which signal killed it. Handlers installed before this one still run, after it. */
+int shmfeed_record_watch_signals(shmfeed_ring *ring, uint32_t rec);
 int shmfeed_take(shmfeed_ring *ring, uint32_t rec, int64_t timeout_ns, shmfeed_task *out);
 int shmfeed_task_done(shmfeed_ring *ring, uint32_t rec, uint64_t busy_ns);
 

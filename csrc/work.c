@@ -35,6 +35,8 @@
  *             slot word of the batch they wait to start (ordered).
  */
 #define _GNU_SOURCE
+#include <sched.h>
+#include <signal.h>
 #include <string.h>
 
 #include "ring_internal.h"
@@ -171,7 +173,8 @@ SHMFEED_MUST_USE int shmfeed_record_reset(shmfeed_ring *r, uint32_t rec)
     store_relaxed64(&p->intent, 0);
     store_relaxed64(&p->since_ns, 0);
     store_relaxed32(&p->pid, 0);
-    store_relaxed32(&p->stop, 0);
+    store_relaxed16(&p->stop, 0);
+    store_relaxed16(&p->signal, 0);
     store_release64(&p->owner, 0);
     return SHMFEED_OK;
 }
@@ -180,7 +183,7 @@ SHMFEED_MUST_USE int shmfeed_record_stop(shmfeed_ring *r, uint32_t rec)
 {
     if (!r || rec >= SHMFEED_MAX_PRODUCERS)
         return SHMFEED_E_INVAL;
-    store_release32(&ring_work(r)->records[rec].stop, 1);
+    store_release16(&ring_work(r)->records[rec].stop, 1);
     wake_takers(r); /* a producer asleep in take() sees it now */
     return SHMFEED_OK;
 }
@@ -199,7 +202,9 @@ SHMFEED_MUST_USE int shmfeed_record_read(const shmfeed_ring *r, uint32_t rec, sh
     out->busy_ns = load_relaxed64(&p->busy_ns);
     out->batches = load_relaxed64(&p->batches);
     out->pid = load_relaxed32(&p->pid);
-    out->stop = load_relaxed32(&p->stop);
+    out->stop = load_relaxed16(&p->stop);
+    out->signal = load_acquire16(&p->signal);
+    out->reserved = 0;
     uint64_t nx = load_acquire64(&p->next);
     out->next_gen = task_gen(nx);
     out->next_k = task_k(nx);
@@ -215,9 +220,121 @@ SHMFEED_MUST_USE int shmfeed_record_open(shmfeed_ring *r, uint32_t rec, uint64_t
     if (!cas64(&p->owner, &none, owner)) /* the feed resets a record before it starts a producer there */
         return none == owner ? SHMFEED_OK : SHMFEED_E_STATE;
     store_relaxed32(&p->pid, pid);
+    store_relaxed16(&p->signal, 0);
     store_relaxed64(&p->busy_ns, 0);
     store_relaxed64(&p->batches, 0);
     return SHMFEED_OK;
+}
+
+/*
+ * NOTE [fatal signals]
+ *   A producer that dies of a signal tells the feed which one: its record's
+ *   `signal` word. shmfeed_record_watch_signals (the producer, after
+ *   record_open) installs one handler, per process, for SIGSEGV, SIGBUS,
+ *   SIGFPE, SIGILL and SIGABRT, and registers the record's word. The handler
+ *   stores the signal number into every registered word, then does what
+ *   would have happened without it: the handler installed before it
+ *   (faulthandler's traceback, the SIGBUS guard of segment.c) or the default
+ *   action. If that earlier handler returns (the SIGBUS guard recovered from
+ *   a truncated segment: the process lives on), the words go back to 0.
+ *   SA_NODEFER: a handler it calls that re-raises (faulthandler) kills the
+ *   process there and then. A mapping about to go (ring_free, retire) is
+ *   unregistered first (shmfeed_fatal_forget), so the handler never writes
+ *   into memory that is not the segment any more.
+ */
+#define FATAL_WORDS 32 /* records one process can watch at once */
+
+static const int fatal_signals[] = {SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT};
+#define FATAL_SIGNALS ((int)(sizeof fatal_signals / sizeof fatal_signals[0]))
+static atomic_u64 fatal_words[FATAL_WORDS];               /* address of a record's signal word; 0: free */
+static struct sigaction fatal_previous[FATAL_SIGNALS];    /* written once, before the handler is installed */
+static atomic_u32 fatal_state;                            /* 0 none, 1 installing, 2 installed, 3 failed */
+
+static void fatal_store(uint16_t sig)
+{
+    for (int i = 0; i < FATAL_WORDS; i++) {
+        uint64_t addr = load_acquire64(&fatal_words[i]);
+        if (addr)
+            store_release16((atomic_u16 *)(uintptr_t)addr, sig);
+    }
+}
+
+static void fatal_on_signal(int sig, siginfo_t *si, void *ucontext)
+{
+    int which = 0;
+    while (which < FATAL_SIGNALS && fatal_signals[which] != sig)
+        which++;
+    fatal_store((uint16_t)sig);
+    if (which < FATAL_SIGNALS) {
+        const struct sigaction *prev = &fatal_previous[which];
+        if (prev->sa_flags & SA_SIGINFO) {
+            if (prev->sa_sigaction) {
+                prev->sa_sigaction(sig, si, ucontext);
+                fatal_store(0); /* it returned: handled, the process goes on */
+                return;
+            }
+        } else if (prev->sa_handler != SIG_DFL && prev->sa_handler != SIG_IGN) {
+            prev->sa_handler(sig);
+            fatal_store(0);
+            return;
+        }
+    }
+    struct sigaction dfl;
+    memset(&dfl, 0, sizeof dfl);
+    dfl.sa_handler = SIG_DFL;
+    sigemptyset(&dfl.sa_mask);
+    sigaction(sig, &dfl, NULL);
+    raise(sig); /* the default action, as without us */
+}
+
+static int fatal_install(void)
+{
+    uint32_t none = 0;
+    if (cas32(&fatal_state, &none, 1)) {
+        int ok = 1;
+        for (int i = 0; i < FATAL_SIGNALS && ok; i++)
+            ok = sigaction(fatal_signals[i], NULL, &fatal_previous[i]) == 0;
+        struct sigaction sa;
+        memset(&sa, 0, sizeof sa);
+        sa.sa_sigaction = fatal_on_signal;
+        sa.sa_flags = SA_SIGINFO | SA_ONSTACK | SA_NODEFER;
+        sigemptyset(&sa.sa_mask);
+        for (int i = 0; i < FATAL_SIGNALS && ok; i++)
+            ok = sigaction(fatal_signals[i], &sa, NULL) == 0;
+        store_release32(&fatal_state, ok ? 2 : 3); /* publishes fatal_previous */
+    }
+    while (load_acquire32(&fatal_state) == 1) /* another thread is installing it */
+        sched_yield();
+    return load_acquire32(&fatal_state) == 2 ? SHMFEED_OK : SHMFEED_E_SYS;
+}
+
+SHMFEED_MUST_USE int shmfeed_record_watch_signals(shmfeed_ring *r, uint32_t rec)
+{
+    if (!r || rec >= SHMFEED_MAX_PRODUCERS)
+        return SHMFEED_E_INVAL;
+    int rc = fatal_install();
+    if (rc != SHMFEED_OK)
+        return rc;
+    uint64_t addr = (uint64_t)(uintptr_t)&ring_work(r)->records[rec].signal;
+    for (int i = 0; i < FATAL_WORDS; i++)
+        if (load_acquire64(&fatal_words[i]) == addr)
+            return SHMFEED_OK;
+    for (int i = 0; i < FATAL_WORDS; i++) {
+        uint64_t free_ = 0;
+        if (cas64(&fatal_words[i], &free_, addr))
+            return SHMFEED_OK;
+    }
+    return SHMFEED_E_STATE; /* FATAL_WORDS records watched already */
+}
+
+void shmfeed_fatal_forget(const shmfeed_ring *r)
+{
+    uint64_t lo = (uint64_t)(uintptr_t)r->base, hi = lo + r->map_bytes;
+    for (int i = 0; i < FATAL_WORDS; i++) {
+        uint64_t addr = load_acquire64(&fatal_words[i]);
+        if (addr >= lo && addr < hi)
+            cas64(&fatal_words[i], &addr, 0); /* lost race: another forget of the same range cleared it */
+    }
 }
 
 /* Hold `seq` in the record, then end the take. */
@@ -286,7 +403,7 @@ SHMFEED_MUST_USE int shmfeed_take(shmfeed_ring *r, uint32_t rec, int64_t timeout
         return SHMFEED_E_STATE; /* record_open first */
     clock_begin(&c, timeout_ns);
     for (;;) {
-        if (is_closed(r) || load_acquire32(&p->stop))
+        if (is_closed(r) || load_acquire16(&p->stop))
             return SHMFEED_E_CLOSED;
         uint32_t seen = load_acquire32(&wk->posted.count);
         uint64_t w = load_acquire64(&wk->next); /* pairs with publish()'s exchange */

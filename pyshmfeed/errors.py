@@ -103,5 +103,18 @@ class ProducerError(ShmfeedError):
 
 
 class ProducerLost(ShmfeedError):
-    """Producers kept dying and the feed ran out of restarts."""
+    """Producers kept dying and the feed ran out of restarts.
+
+    ``pid``: the process of the producer that died last (None if it never
+    started); ``signal``: the signal it died of when it noted one
+    (SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT), else None.
+    """
+
+    def __init__(self, message: str, *, pid: int | None = None, signal: int | None = None) -> None:
+        super().__init__(message)
+        self.pid = pid
+        self.signal = signal
+
+    def __reduce__(self):
+        return type(self), self.args, {"pid": self.pid, "signal": self.signal}
 

@@ -18,6 +18,7 @@ Failure handling (see NOTE [producer lifecycle] in feed.py):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
@@ -58,6 +59,8 @@ class Producer:
         if task_index is not None:  # takes its work from the segment, at record `worker`
             self.work = WorkArea(self.ring)
             self.work.open(worker, self.ring.owner, os.getpid())
+            with contextlib.suppress(errors.ShmfeedError):  # only the death message is poorer without it
+                self.work.watch_signals(worker)
 
     def _attach(self, handle: RingHandle) -> Ring:
         """Map the ring. Same node only (the handle is a path on this machine): a producer on

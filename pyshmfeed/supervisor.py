@@ -516,6 +516,8 @@ class Supervisor(threading.Thread):
     def _on_death(self, p: Position) -> None:
         """Account for a dead producer's task, re-issue it if it was lost, start a replacement."""
         wait_dead(p.pid)  # Ray may call it dead before its process is gone
+        died = self.work.record(p.worker)  # before the reset below: the pid and the fatal signal it noted
+        pid, signum = p.pid or died.pid or None, died.signal or None
         if p.owner is not None:
             self.ring.reclaim(p.owner)
         if p.pid is not None:
@@ -547,8 +549,10 @@ class Supervisor(threading.Thread):
             return
         if self.restarts_left <= 0:
             held = f" while making batch index {self._index_of(lost[0])}" if lost else ""
-            self._fail(errors.ProducerLost(f"producer {p.worker} died{held} and no restarts are left "
-                                           f"({self.restarts} used); see the Ray logs for why it died"))
+            how = f" (pid {pid}, killed by {_signal_name(signum)})" if signum else ""
+            self._fail(errors.ProducerLost(f"producer {p.worker} died{held}{how} and no restarts are left "
+                                           f"({self.restarts} used); see the Ray logs for why it died",
+                                           pid=pid, signal=signum))
             return
         self.restarts_left -= 1
         self.restarts += 1
@@ -603,3 +607,12 @@ class Supervisor(threading.Thread):
             if p.worker != dead and (task := self.work.record(p.worker).task) is not None:
                 held.add(task)
         return held
+
+
+def _signal_name(signum: int) -> str:
+    import signal
+
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"

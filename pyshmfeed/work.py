@@ -63,6 +63,7 @@ class Record:
     next_gen: int  # round robin: the job generation and task number it takes next
     next_k: int
     stop: bool     # a stop was requested
+    signal: int = 0  # the fatal signal its producer died of (watch_signals); 0: none
 
 
 def _job(j) -> Job:
@@ -120,7 +121,8 @@ class WorkArea:
         r = self._record
         check(lib.shmfeed_record_read(self.ring.c_handle(), rec, r), f"reading producer record {rec}")
         return Record(int(r.owner), int(r.task) - 1 if r.task else None, bool(r.intent), int(r.since_ns),
-                      int(r.busy_ns), int(r.batches), int(r.pid), int(r.next_gen), int(r.next_k), bool(r.stop))
+                      int(r.busy_ns), int(r.batches), int(r.pid), int(r.next_gen), int(r.next_k), bool(r.stop),
+                      int(r.signal))
 
     def reset(self, rec: int) -> None:
         """Free record ``rec`` for a new producer (its previous one is dead and accounted for)."""
@@ -134,6 +136,11 @@ class WorkArea:
 
     def open(self, rec: int, owner: int, pid: int) -> None:
         check(lib.shmfeed_record_open(self.ring.c_handle(), rec, owner, pid), f"opening producer record {rec}")
+
+    def watch_signals(self, rec: int) -> None:
+        """In the producer's process: a fatal signal (SIGSEGV, SIGBUS, SIGFPE, SIGILL, SIGABRT) is noted in
+        record ``rec`` before the process dies of it (NOTE [fatal signals] in csrc/work.c)."""
+        check(lib.shmfeed_record_watch_signals(self.ring.c_handle(), rec), f"watching signals (record {rec})")
 
     def take(self, rec: int, *, timeout: float | None = None, stop: Callable[[], bool] | None = None) -> Task:
         """The next task for the producer at record ``rec`` (waits; ``RingClosed`` when the ring closes)."""

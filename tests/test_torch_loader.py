@@ -9,10 +9,12 @@ test here asserts a time: waits are on conditions, speed is in bench/.
 from __future__ import annotations
 
 import collections
+import ctypes
 import gc
 import os
 import pickle
 import random
+import signal
 import threading
 import time
 import typing
@@ -92,6 +94,25 @@ class FailsAt(Dataset):
         if i in self.bad:
             raise self.error_type(f"sample {i} is broken")
         return torch.tensor([i])
+
+
+class Crashes(Dataset):
+    """``dataset[i]`` ends its process: a segfault (``"segv"``), or SIGKILL (``"kill"``, which no handler sees)."""
+
+    def __init__(self, how: str) -> None:
+        self.how = how
+        self.training_pid = os.getpid()
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int):
+        if os.getpid() == self.training_pid:
+            raise AssertionError("dataset[i] ran in the training process")
+        if self.how == "segv":
+            return ctypes.string_at(0)
+        os.kill(os.getpid(), signal.SIGKILL)
+        return i
 
 
 class ShardedStream(IterableDataset):
@@ -399,6 +420,22 @@ def test_an_exception_in_worker_init_fn_is_the_first_batch_s_like_torch(ray_sess
             list(loader)
 
 
+def test_a_worker_killed_by_a_signal_raises_torch_s_runtime_error_with_its_pid_and_signal(ray_session):
+    message = r"DataLoader worker \(pid \d+\) is killed by signal: Segmentation fault\. "
+    with DataLoader(Crashes("segv"), batch_size=2, num_workers=2) as loader, \
+            pytest.raises(RuntimeError, match=message) as caught:
+        next(iter(loader))
+    lost = caught.value.__cause__
+    assert lost.signal == signal.SIGSEGV and lost.pid not in (None, os.getpid())
+    assert f"(pid {lost.pid})" in str(caught.value)
+
+
+def test_a_worker_killed_without_a_trace_raises_torch_s_exited_unexpectedly(ray_session):
+    with DataLoader(Crashes("kill"), batch_size=2, num_workers=2) as loader, \
+            pytest.raises(RuntimeError, match=r"DataLoader worker \(pid\(s\) \d+\) exited unexpectedly"):
+        next(iter(loader))
+
+
 # ---- iterable datasets and get_worker_info ----------------------------------------------------------
 
 
@@ -437,7 +474,9 @@ def test_get_worker_info_in_a_producer_is_a_worker_info_of_its_own_dataset_copy(
         infos = list(loader)
     assert [i["id"] for i in infos] == [0, 1] * 4
     assert all(i["num_workers"] == 2 and i["seed_matches"] and i["own_dataset"] for i in infos)
-    assert len({i["pid"] for i in infos}) == 2 and os.getpid() not in {i["pid"] for i in infos}
+    # Batch 0 is the layout probe's (a Ray task playing worker 0, served while the producers start);
+    # the rest come from the two producers. None is made in the training process.
+    assert len({i["pid"] for i in infos[1:]}) == 2 and os.getpid() not in {i["pid"] for i in infos}
     assert torch.utils.data.get_worker_info() is None
 
 
@@ -540,6 +579,11 @@ def test_batches_larger_than_the_slot_still_arrive_intact(ray_session):
 
 def test_a_batch_slower_than_timeout_raises_torch_s_runtime_error(ray_session):
     with DataLoader(Sleepy(600), batch_size=2, num_workers=2, timeout=1) as loader:
+        it = iter(loader)
+        with pytest.raises(RuntimeError, match=r"DataLoader timed out after 1 seconds"):
+            next(it)
+    # torch's test_timeout: the first sample takes 3 s, longer than timeout, but not for ever
+    with DataLoader(Sleepy(3), batch_size=2, num_workers=2, timeout=1) as loader:
         it = iter(loader)
         with pytest.raises(RuntimeError, match=r"DataLoader timed out after 1 seconds"):
             next(it)

@@ -10,6 +10,7 @@ survives an abandoned epoch and a producer killed mid-epoch.
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 
 import numpy as np
@@ -51,6 +52,34 @@ def test_take_reissue_and_records_from_python():
         work.done(0, 0.0)
         assert work.record(0).batches == 3
         assert work.freeze().taken == 2
+
+
+def _dies_of(handle, rec: int, signum: int) -> None:
+    ring = Ring.attach(handle)
+    work = WorkArea(ring)
+    work.open(rec, ring.owner, os.getpid())
+    work.watch_signals(rec)
+    os.kill(os.getpid(), signum)
+
+
+def test_a_producer_that_dies_of_a_signal_leaves_it_in_its_record():
+    import multiprocessing
+
+    from pyshmfeed import errors
+
+    with Ring.create(4, 64, ordered=False) as ring:
+        work = WorkArea(ring)
+        child = multiprocessing.get_context("spawn").Process(target=_dies_of, args=(ring.handle, 1, signal.SIGABRT))
+        child.start()
+        child.join(60)
+        assert child.exitcode == -signal.SIGABRT  # it still dies of it
+        rec = work.record(1)
+        assert (rec.signal, rec.pid) == (signal.SIGABRT, child.pid)
+        work.reset(1)
+        assert work.record(1).signal == 0
+    lost = errors.ProducerLost("producer 1 died", pid=child.pid, signal=signal.SIGABRT)
+    again = pickle.loads(pickle.dumps(lost))
+    assert (str(again), again.pid, again.signal) == ("producer 1 died", child.pid, signal.SIGABRT)
 
 
 def _taker(handle, rec: int, out) -> None:

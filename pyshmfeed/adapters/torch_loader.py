@@ -21,7 +21,13 @@ NOTE [loader lifecycle]
              slots (``slot_bytes=`` skips it), then the feed starts:
              ``num_workers`` producers, round-robin assignment, no restarts
              (a dead worker is an error in torch too). Later iterators reuse
-             the set and its slot size.
+             the set and its slot size. Map-style, the probe also sends its
+             batch (torch_worker.probe_first_batch): the loop returns it as
+             batch 0 at once while the feed starts on a thread, and drops
+             producer 0's own batch 0, which producer 0 still makes so that
+             its random and dataset state go on as torch's worker 0's. So
+             the first batch costs the probe (a warm Ray task worker after
+             the first loader of a process), not the producers' start.
   next       Each loader epoch runs as chunks (NOTE [worker emulation] in
              torch_worker.py): the loop pulls a chunk of index lists from the
              sampler, posts its plan, and reads the chunk's slots in order.
@@ -47,6 +53,7 @@ import contextlib
 import functools
 import math
 import pickle
+import threading
 import time
 from typing import Any, TypeVar
 
@@ -68,6 +75,9 @@ _MIN_SLOT_BYTES = 64 << 10
 _UNKNOWN_SLOT_BYTES = 1 << 20  # when the probe learnt nothing (the first batch raised): batches that
                                # do not fit are stashed, never lost
 _SLOT_HEADROOM = 1.25          # batches a little larger than the first still fit in their slot
+_COLD_PROBE_S = 30.0           # the first probe of a process also starts a Ray worker and imports torch there:
+                               # that much more than ``timeout`` (the dataset's time) before it times out
+_probed_once = False
 
 
 _T_co = TypeVar("_T_co", covariant=True)
@@ -169,10 +179,15 @@ class DataLoader(_TorchDataLoader[_T_co]):
     def feed(self):
         """The ``Feed`` of the producers started last (None before the first batch)."""
         latest = self._latest
+        if latest is not None and latest.starting:  # started on a thread while the loop has batch 0
+            with contextlib.suppress(Exception):   # a failed start is the iterator's to raise
+                latest.wait_started()
         return latest.feed if latest is not None and not latest.closed else None
 
     def stats(self) -> dict[str, Any]:
         """The feed's figures (``Feed.stats()``) plus how the loop takes batches: copies, slot size, stashes."""
+        if self.feed is None:
+            return {}
         latest = self._latest
         if latest is None or latest.feed is None or latest.closed:
             return {}
@@ -226,8 +241,10 @@ class _Producers:
 
         self.num_workers = loader.num_workers
         self.options = dict(loader.feed_options)
-        self.lease = raylife.acquire(self.options.get("address"), self.num_workers,
-                                     self.options.get("num_cpus", 0.25))
+        # Workers reserve no Ray CPUs (torch's reserve nothing either): with a fraction each, a few live
+        # loaders would exhaust a small cluster and a new loader's producers would wait for CPUs forever.
+        self.options.setdefault("num_cpus", 0)
+        self.lease = raylife.acquire(self.options.get("address"), self.num_workers, self.options["num_cpus"])
         try:
             self.plans = torch_worker.plans_actor_class().remote()
         except BaseException:
@@ -241,6 +258,8 @@ class _Producers:
         self.closed = False
         self.reusable = True              # False once an epoch ended in a way that may leave producers busy
         self.stashed = 0
+        self._starting: threading.Thread | None = None  # start_in_background's thread, until wait_started
+        self._start_error: BaseException | None = None
         self._feed_epoch = 0
         self._loader_epoch = 0
 
@@ -262,21 +281,28 @@ class _Producers:
                          "picklable, or use num_workers=0")
             raise
 
-    def probe(self, plan: torch_worker.Plan, loader: DataLoader, wait_s: float | None) -> int | None:
-        ref = torch_worker.probe_task().remote(plan.payload, plan, self.num_workers, loader._dataset_kind,
-                                               loader._auto_collation, loader.batch_size, loader.drop_last)
+    def probe(self, plan: torch_worker.Plan, loader: DataLoader, wait_s: float | None,
+              first_batch: bool = False) -> tuple[int | None, bytes | None, float]:
+        """(bytes a slot needs, or None; with ``first_batch``, worker 0's first batch pickled, or None;
+        and the seconds worker 0 took for it, 0.0 if unknown)."""
+        task = torch_worker.probe_first_batch_task() if first_batch else torch_worker.probe_task()
+        ref = task.remote(plan.payload, plan, self.num_workers, loader._dataset_kind, loader._auto_collation,
+                          loader.batch_size, loader.drop_last)
         try:
             if wait_s is None:  # no loader timeout: wait as long as the dataset takes, in bounded slices
                 while True:
                     ready, _ = self._ray.wait([ref], timeout=1.0)
                     if ready:
                         break
-            return self._ray.get(ref, timeout=wait_s)
+            found = self._ray.get(ref, timeout=wait_s)
         except self._ray.exceptions.GetTimeoutError:
             self._ray.cancel(ref, force=True)
             raise
         except self._ray.exceptions.RayError:
-            return None  # the producers meet the same failure and report it at its batch
+            return None, None, 0.0  # the producers meet the same failure and report it at its batch
+        if isinstance(found, tuple):
+            return found
+        return found, None, 0.0
 
     def start(self, loader: DataLoader, slot_bytes: int, length: int) -> None:
         from ..feed import Feed
@@ -297,10 +323,38 @@ class _Producers:
             ring = self.feed.ring
             self.registration = HostRegistration(ring.data_address, ring.data_nbytes)
 
+    @property
+    def starting(self) -> bool:
+        """``start_in_background`` ran and nobody has waited for it yet."""
+        return self._starting is not None
+
+    def start_in_background(self, loader: DataLoader, slot_bytes: int, length: int) -> None:
+        """``start`` on a thread: the loop serves the probe's batch meanwhile (``wait_started`` joins it)."""
+        def run() -> None:
+            try:
+                self.start(loader, slot_bytes, length)
+            except BaseException as exc:  # re-raised by wait_started, in the loop's thread
+                self._start_error = exc
+
+        self._starting = threading.Thread(target=run, name="pyshmfeed-loader-start", daemon=True)
+        self._starting.start()
+
+    def wait_started(self) -> None:
+        thread = self._starting
+        if thread is not None:
+            thread.join()
+            self._starting = None
+        if self._start_error is not None:
+            self.reusable = False
+            raise self._start_error
+
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
+        if self._starting is not None:  # the feed it is making is closed below, once made
+            self._starting.join()
+            self._starting = None
         try:
             if self.registration is not None:
                 self.registration.close()  # before the ring is unmapped
@@ -336,6 +390,10 @@ class _RingLoaderIter(_BaseDataLoaderIter):
             self._producers = None
             raise
         self._slots = None               # the open chunk's slots_of generator
+        self._pending_epoch: int | None = None  # its feed epoch while the producers start (then: _slots)
+        self._pending_post: Any = None   # ... and the ObjectRef of its plan's posting
+        self._early: Any = None          # the probe's batch 0, served while the producers start
+        self._drop_first = False         # ... so producer 0's own batch 0 is dropped
         self._plan: torch_worker.Plan | None = None
         self._held = None                # zero_copy: the slot the loop's batch views
         self._pending: list = []         # device: (CUDA event, slot) until the copy has read the slot
@@ -355,6 +413,7 @@ class _RingLoaderIter(_BaseDataLoaderIter):
             self._payload = self._producers.snapshot((self._dataset, self._worker_init_fn_for(loader),
                                                       self._collate_fn))
             first_iter = True
+        self._drop_first = False
         self._epoch_shared_seed = self._worker_shared_seed if first_iter else self._shared_seed
         self._fresh = first_iter or not self._persistent_workers
         self._loader_epoch = self._producers.next_loader_epoch()
@@ -404,28 +463,71 @@ class _RingLoaderIter(_BaseDataLoaderIter):
             if not batches:
                 return False
             plan = torch_worker.Plan(count=len(batches), **plan_fields, **_index_table(batches, self._auto_collation))
-        if p.feed is None:
+        if p.feed is None and not p.starting:
             self._start_producers(plan, batches if self._dataset_kind == _DatasetKind.Map else None, length)
         feed_epoch = p.next_feed_epoch()
-        torch_worker.ray_get(p.plans.put.remote(feed_epoch, plan), f"posting the plan of chunk {feed_epoch}")
+        posted = p.plans.put.remote(feed_epoch, plan)
         self._plan = plan
         self._taken = 0
         self._batch_no += plan.count
-        self._slots = p.feed.slots_of(feed_epoch, stop=self._should_stop)
+        if p.starting:  # the plan actor may still be starting too: the producers need the plan only later
+            self._pending_epoch, self._pending_post = feed_epoch, posted
+        else:
+            torch_worker.ray_get(posted, f"posting the plan of chunk {feed_epoch}")
+            self._slots = p.feed.slots_of(feed_epoch, stop=self._should_stop)
         return True
+
+    def _await_producers(self) -> None:
+        """The producers started in the background (while the loop had the probe's batch): open the chunk."""
+        p = self._producers
+        try:
+            p.wait_started()
+        except BaseException:
+            self._pending_epoch = None
+            self._done = True
+            raise
+        self._loader._latest = p
+        if self._timeout > 0:  # pyshmfeed's own start-up is not the dataset's time
+            self._deadline = time.monotonic() + self._timeout
+        epoch, self._pending_epoch = self._pending_epoch, None
+        posted, self._pending_post = self._pending_post, None
+        torch_worker.ray_get(posted, f"posting the plan of chunk {epoch}")
+        self._slots = p.feed.slots_of(epoch, stop=self._should_stop)
 
     def _start_producers(self, plan: torch_worker.Plan, batches: list | None, length: int) -> None:
         loader, p = self._loader, self._producers
         slot_bytes = loader._known_slot_bytes
+        early, took = None, 0.0
         if slot_bytes is None:
+            global _probed_once
             wait_s = None if self._deadline is None else max(self._deadline - time.monotonic(), 0.001)
+            if wait_s is not None and not _probed_once:
+                wait_s += _COLD_PROBE_S
+            # Map-style, the epoch's first batch: the probe's batch is served as batch 0 (NOTE [loader lifecycle])
+            # (not with zero_copy: its batches are views of the slots, and the probe's is not)
+            serve = self._dataset_kind == _DatasetKind.Map and plan.first == 0 and not self._zero_copy
             try:
-                needed = p.probe(plan, loader, wait_s)
+                needed, early, took = p.probe(plan, loader, wait_s, first_batch=serve)
             except p._ray.exceptions.GetTimeoutError:
                 self._timed_out = True
                 raise RuntimeError(f"DataLoader timed out after {self._timeout} seconds") from None
+            _probed_once = True
             slot_bytes = _slot_bytes_for(needed, batches, self._auto_collation)
             loader._known_slot_bytes = slot_bytes
+        if early is not None and self._timeout > 0 and took > self._timeout:
+            # torch's worker 0 would have taken that long for batch 0 (its start and worker_init_fn included)
+            self._timed_out = True
+            raise RuntimeError(f"DataLoader timed out after {self._timeout} seconds")
+        if early is not None:
+            data = pickle.loads(early)
+            if self._device is not None:
+                data = _to_device(data, self._device)
+            elif self._pin_memory:
+                data = _pin(data)
+            self._early, self._drop_first = data, True
+            p.start_in_background(loader, slot_bytes, length)
+            loader._latest = p
+            return
         p.start(loader, slot_bytes, length)
         loader._latest = p
         if self._timeout > 0:  # pyshmfeed's own start-up is not the dataset's time
@@ -434,6 +536,8 @@ class _RingLoaderIter(_BaseDataLoaderIter):
     def _end_chunk(self) -> None:
         """Close the open chunk: finished, or abandoned (the feed drains what producers still hold)."""
         self._release_held()
+        self._pending_epoch = self._pending_post = None  # producers still starting: no job yet, nothing to drain
+        self._early = None
         slots, self._slots = self._slots, None
         if slots is None:
             return
@@ -477,9 +581,14 @@ class _RingLoaderIter(_BaseDataLoaderIter):
                 if self._dataset_kind == _DatasetKind.Map and self._sampler_done:
                     self._finish()
                     continue
-            if self._slots is None and not self._open_chunk():
+            if self._slots is None and self._pending_epoch is None and not self._open_chunk():
                 self._finish()
                 continue
+            if self._early is not None:  # the probe's batch 0, while the producers start
+                data, self._early = self._early, None
+                return data
+            if self._pending_epoch is not None:
+                self._await_producers()
             try:
                 slot, batch = next(self._slots)
             except StopIteration:
@@ -494,7 +603,7 @@ class _RingLoaderIter(_BaseDataLoaderIter):
             except errors.ProducerLost as exc:
                 self._slots = None
                 self._done = True
-                raise RuntimeError(f"DataLoader worker exited unexpectedly ({exc})") from exc
+                raise RuntimeError(_worker_death_message(exc)) from exc
             arena = batch[0].view()
             arena.flags.writeable = True  # the loop's batch may be written; the slot is its own until released
             try:
@@ -506,6 +615,10 @@ class _RingLoaderIter(_BaseDataLoaderIter):
                 slot.release()
                 continue
             self._taken += 1
+            if self._drop_first and batch.index == 0:  # served already: the probe's copy of it
+                self._drop_first = False
+                self._drop(kind, slot, arena)
+                continue
             if kind == torch_slot.EXHAUSTED:
                 slot.release()
                 self._exhausted.add(batch.worker)
@@ -513,6 +626,15 @@ class _RingLoaderIter(_BaseDataLoaderIter):
                     self._finish()
                 continue
             return self._take(kind, slot, arena)
+
+    def _drop(self, kind: int, slot: Any, arena: np.ndarray) -> None:
+        """Let a slot go unread (a stashed batch is taken from the plan actor and thrown away)."""
+        try:
+            key = torch_slot.read_value(arena) if kind == torch_slot.STASHED else None
+        finally:
+            slot.release()
+        if key is not None:
+            self._producers.plans.unstash.remote(key)
 
     def _take(self, kind: int, slot: Any, arena: np.ndarray) -> Any:
         """The batch (or the exception) in an acquired slot; the slot goes back as soon as nothing reads it."""
@@ -604,6 +726,18 @@ class _RingLoaderIter(_BaseDataLoaderIter):
             producers.reusable = False
         with contextlib.suppress(Exception):
             self._loader._give_back(producers)
+
+
+def _worker_death_message(exc: errors.ProducerLost) -> str:
+    """torch's words for a dead worker (its pid, and the signal when it died of one), then ours."""
+    if exc.pid is not None and exc.signal is not None:
+        import signal
+
+        description = signal.strsignal(exc.signal) or f"signal {exc.signal}"
+        return f"DataLoader worker (pid {exc.pid}) is killed by signal: {description}. ({exc})"
+    if exc.pid is not None:
+        return f"DataLoader worker (pid(s) {exc.pid}) exited unexpectedly ({exc})"
+    return f"DataLoader worker exited unexpectedly ({exc})"
 
 
 def _index_table(batches: list, auto_collation: bool) -> dict[str, Any]:

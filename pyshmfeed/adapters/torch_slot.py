@@ -240,13 +240,11 @@ class _Unpacker(pickle.Unpickler):
             src = self.tarena[off: off + n].view(dtype).view(shape)
             if self.mode == "view":
                 out = src
-            elif self.pin:
+            else:
                 import torch
 
-                out = torch.empty(shape, dtype=dtype, pin_memory=True)
-                out.copy_(src)
-            else:
-                out = src.clone()
+                out = torch.empty(shape, dtype=dtype, pin_memory=self.pin)
+                _copy(out, src)
             if requires_grad:
                 out.requires_grad_(True)
         elif pid[0] == "n":
@@ -257,6 +255,20 @@ class _Unpacker(pickle.Unpickler):
             raise pickle.UnpicklingError(f"unknown arena reference {pid!r}")
         self._made[pid] = out
         return out
+
+
+def _copy(out: Any, src: Any) -> None:
+    """``out.copy_(src)`` on this thread alone, through numpy when the dtype allows.
+
+    torch splits a copy of more than 32 Ki elements over its intra-op
+    threads; on a machine whose cores are busy (the producers run there too)
+    the copy then waits for a descheduled helper thread: measured 6.7 ms
+    median for 1.5 MiB on 2 loaded cores, against 0.04 ms on one thread.
+    """
+    try:
+        np.copyto(out.numpy(), src.numpy(), casting="no")
+    except (TypeError, RuntimeError):  # no numpy dtype (bfloat16...): torch's own copy
+        out.copy_(src)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

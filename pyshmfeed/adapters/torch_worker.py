@@ -388,3 +388,62 @@ def probe_task():
 
         _PROBE_TASK = ray.remote(num_cpus=0, max_retries=0)(probe_in_task)
     return _PROBE_TASK
+
+
+def probe_first_batch(payload: list, plan: Plan, num_workers: int, kind: int, auto_collation: bool,
+                      batch_size: int | None, drop_last: bool) -> tuple[int, bytes | None, float] | None:
+    """Map-style: ``probe``, and worker 0's first batch itself, pickled, for the loop to serve at once.
+
+    Returns (bytes a slot needs, the batch pickled, seconds worker 0 took
+    from its start to the batch: what a torch worker's first batch costs,
+    without this process's own start). The loop returns that batch as batch
+    0 while the producers start, and drops the copy producer 0 makes again
+    (it makes it all the same, so its random and dataset state then go on
+    exactly as torch's worker 0's). The batch is None when it does not
+    pickle: the loop then waits for producer 0's.
+    """
+    import pickle
+    import time
+
+    t0 = time.monotonic()
+    w = Worker(0, num_workers, kind, auto_collation, drop_last)
+    w.start(plan)
+    if w.init_error is not None:
+        return None
+    try:
+        data = w.fetch(plan.index(0))
+    except Exception:
+        return None
+    try:
+        needed = torch_slot.measure(data)
+    except Exception:
+        return None
+    elapsed = time.monotonic() - t0
+    try:
+        blob: bytes | None = pickle.dumps(data, protocol=pickle.HIGHEST_PROTOCOL)
+    except Exception:
+        blob = None
+    return needed, blob, elapsed
+
+
+def probe_first_batch_in_task(*args: Any) -> tuple[int, bytes | None, float] | None:
+    """``probe_first_batch`` in a Ray task's process, which Ray reuses: leave no worker info behind."""
+    from torch.utils.data._utils import worker as torch_worker
+
+    try:
+        return probe_first_batch(*args)
+    finally:
+        torch_worker._worker_info = None
+
+
+_PROBE_FIRST_BATCH_TASK = None
+
+
+def probe_first_batch_task():
+    """``probe_first_batch`` as a Ray task (made once per process)."""
+    global _PROBE_FIRST_BATCH_TASK
+    if _PROBE_FIRST_BATCH_TASK is None:
+        import ray
+
+        _PROBE_FIRST_BATCH_TASK = ray.remote(num_cpus=0, max_retries=0)(probe_first_batch_in_task)
+    return _PROBE_FIRST_BATCH_TASK

@@ -5,10 +5,12 @@
  */
 #define _GNU_SOURCE
 #include <pthread.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "check.h"
@@ -313,6 +315,61 @@ static int test_racing_takers_take_each_task_once(void)
     return 0;
 }
 
+/* NOTE [fatal signals]: a producer that dies of a signal leaves its number in its record;
+ * one whose earlier handler recovers (returns) leaves nothing. */
+static volatile sig_atomic_t recovered;
+static void recover(int sig) { (void)sig; recovered = 1; }
+
+static int test_a_fatal_signal_is_noted_in_the_record(void)
+{
+    shmfeed_ring *ring = make_ring(4, 0);
+    shmfeed_record rec;
+    CHECK(ring);
+    CHECK_RC(shmfeed_record_watch_signals(ring, 40), SHMFEED_E_INVAL);
+    int sigs[] = {SIGILL, SIGABRT}; /* not SIGSEGV: ASan handles it (and exits) before us */
+    for (int i = 0; i < 2; i++) {
+        CHECK_RC(shmfeed_record_reset(ring, (uint32_t)i), SHMFEED_OK);
+        pid_t child = fork();
+        CHECK(child >= 0);
+        if (child == 0) { /* the producer: the ring's mapping is shared with the parent */
+            if (shmfeed_record_open(ring, (uint32_t)i, OWNER + 1, (uint32_t)getpid()) != SHMFEED_OK ||
+                shmfeed_record_watch_signals(ring, (uint32_t)i) != SHMFEED_OK)
+                _exit(3);
+            raise(sigs[i]);
+            _exit(4);
+        }
+        int status = 0;
+        CHECK_EQ(waitpid(child, &status, 0), child);
+        CHECK(WIFSIGNALED(status));
+        CHECK_EQ(WTERMSIG(status), sigs[i]); /* it still dies of it */
+        CHECK_RC(shmfeed_record_read(ring, (uint32_t)i, &rec), SHMFEED_OK);
+        CHECK_EQ(rec.signal, (uint32_t)sigs[i]);
+        CHECK_EQ(rec.pid, (uint32_t)child);
+    }
+    CHECK_RC(shmfeed_record_reset(ring, 0), SHMFEED_OK);
+    CHECK_RC(shmfeed_record_read(ring, 0, &rec), SHMFEED_OK);
+    CHECK_EQ(rec.signal, 0);
+    pid_t child = fork(); /* a handler installed before ours handles the signal: nothing is noted */
+    CHECK(child >= 0);
+    if (child == 0) {
+        signal(SIGFPE, recover);
+        if (shmfeed_record_open(ring, 0, OWNER + 1, (uint32_t)getpid()) != SHMFEED_OK ||
+            shmfeed_record_watch_signals(ring, 0) != SHMFEED_OK)
+            _exit(3);
+        raise(SIGFPE);
+        shmfeed_record r2;
+        if (shmfeed_record_read(ring, 0, &r2) != SHMFEED_OK)
+            _exit(5);
+        _exit(recovered && r2.signal == 0 ? 0 : 6);
+    }
+    int status = 0;
+    CHECK_EQ(waitpid(child, &status, 0), child);
+    CHECK(WIFEXITED(status));
+    CHECK_EQ(WEXITSTATUS(status), 0);
+    CHECK_RC(shmfeed_ring_detach(ring), SHMFEED_OK);
+    return 0;
+}
+
 int main(void)
 {
     int failures = 0;
@@ -324,5 +381,6 @@ int main(void)
     RUN(failures, test_bad_arguments_and_queue_full);
     RUN(failures, test_round_robin_gives_each_record_its_own_tasks);
     RUN(failures, test_racing_takers_take_each_task_once);
+    RUN(failures, test_a_fatal_signal_is_noted_in_the_record);
     return failures ? T_EXIT_FAIL : T_EXIT_PASS;
 }
