@@ -89,7 +89,12 @@ class Feed:
     made by whichever producer is free, the fastest; "round_robin": batch k
     of an epoch by producer ``k % workers`` only, as torch's DataLoader
     assigns them, so per-producer random state gives the same batches run
-    after run).
+    after run), ``warm_producers`` (False: every feed starts its own producer
+    processes and they end with it; True: it starts in warm ones an earlier
+    feed of this process left, and leaves its own warm for the next feed with
+    the same options, which saves a process start per producer, but
+    module-level state of your source's modules then carries over from feed
+    to feed; NOTE [warm producers] in hosts.py).
 
     Batches are read-only numpy views over ring memory, **valid until the loop
     asks for the next batch**; ``batch.copy()`` keeps one. Use as a context
@@ -105,7 +110,8 @@ class Feed:
                  lease: float | None = 600.0, max_restarts: int | None = None, chunk: int | None = None,
                  state: dict | None = None, backing: str = "memfd", device: str = "cpu",
                  rank: int = 0, world_size: int = 1, placement: str | list[str] | tuple[str, ...] = "node",
-                 assignment: str = "any", _actor_options: dict | None = None) -> None:
+                 assignment: str = "any", warm_producers: bool = False,
+                 _actor_options: dict | None = None) -> None:
         self._created = time.perf_counter()
         self._closed = False
         self._pid = os.getpid()  # close() acts only here: a forked child must not close our ring
@@ -183,6 +189,8 @@ class Feed:
             raise errors.InvalidArgument("assignment='round_robin' needs a fill or make source with "
                                          "placement='node'")
         self.assignment = assignment
+        if not isinstance(warm_producers, bool):
+            raise errors.InvalidArgument(f"warm_producers must be True or False, got {warm_producers!r}")
         if bounds is not None and assignment == "round_robin":
             raise errors.InvalidArgument("assignment='round_robin' fixes which producer makes each batch: "
                                          "give a fixed number of workers, not 'auto'")
@@ -240,7 +248,7 @@ class Feed:
                     task_index=task_index, ordered=ordered, num_cpus=num_cpus, lease=lease,
                     max_restarts=restarts, actor_options=_actor_options or {},
                     delivered=_weak_call(self._delivered_now, set), active=workers, controller=controller,
-                    loop_counts=self._stats.counts)
+                    loop_counts=self._stats.counts, warm=warm_producers)
             else:
                 from .dispatch import Dispatcher
 

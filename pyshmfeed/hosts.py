@@ -10,7 +10,13 @@ NOTE [warm producers]
            ``serve()`` makes batches until the ring closes (or the record's
            stop flag ends it), then detaches the ring, drops the source and
            returns. The host is then free for another feed.
-  pool     When a feed stops, the hosts whose ``serve()`` returned go back
+  opt-in   Only feeds made with ``Feed(warm_producers=True)`` borrow hosts
+           and give theirs back: a reused process keeps the module-level
+           state of the source's modules (a global random stream, a cache),
+           so by default every feed starts fresh processes, as torch's
+           DataLoader starts fresh workers per iterator, and its batches do
+           not depend on which feed ran before.
+  pool     When such a feed stops, the hosts whose ``serve()`` returned go back
            to this process's pool, keyed by their actor options; the next
            feed with the same options takes them instead of starting actors.
            ``stop()`` gives a host still finishing the batch it had when the

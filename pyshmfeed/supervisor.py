@@ -92,7 +92,9 @@ class Supervisor(threading.Thread):
                  seed: int, task_index: TaskIndex, ordered: bool, num_cpus: float, lease: float | None,
                  max_restarts: int, actor_options: dict, delivered: Callable[[], set[int]],
                  active: int | None = None, controller: Any = None,
-                 loop_counts: Callable[[], tuple[int, float]] | None = None) -> None:
+                 loop_counts: Callable[[], tuple[int, float]] | None = None, warm: bool = False) -> None:
+        """``warm``: borrow producer hosts from this process's pool and give them back at the end
+        (NOTE [warm producers]); otherwise every host is started here and killed at the end."""
         super().__init__(name="pyshmfeed-supervisor", daemon=True)
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -127,6 +129,7 @@ class Supervisor(threading.Thread):
                        node_id=ray.get_runtime_context().get_node_id(), soft=False)}
         options.update(actor_options)
         self._host_cls = ray.remote(hosts.ProducerHost).options(**options)
+        self._warm = warm
         self._pool_key = hosts.key(ray.get_runtime_context().get_node_id(), num_cpus, actor_options)
         self.positions = [Position(w) for w in range(workers)]
         self.controller = controller  # autotune.Controller, or None: a fixed number of producers
@@ -143,7 +146,7 @@ class Supervisor(threading.Thread):
 
     def _start(self, p: Position) -> None:
         handle, spec, kind, fn = self._args
-        p.host = hosts.borrow(self._pool_key) or hosts.Host(self._host_cls.remote())
+        p.host = (hosts.borrow(self._pool_key) if self._warm else None) or hosts.Host(self._host_cls.remote())
         p.actor = p.host.actor
         p.ready_ref = p.actor.start.remote(handle, spec, kind, fn, p.worker, self._workers, self._seed,
                                            os.getpid(), self._task_index)
@@ -296,13 +299,14 @@ class Supervisor(threading.Thread):
             for pid in {pid for p in self.positions for pid in p.pids}:
                 wait_dead(pid, polite_s=0.0)
             return
-        self._collect_returns()
+        if self._warm:
+            self._collect_returns()
         killed: set[int] = set()
         for p in self.positions:
             host, p.host = p.host, None
             if p.actor is None:
                 continue
-            if host is not None and p.finished and p.ready_ref is None:
+            if self._warm and host is not None and p.finished and p.ready_ref is None:
                 hosts.give_back(self._pool_key, host)  # it detached the ring before its serve() returned
             else:  # still starting, or not back from its last batch in time: not worth waiting for
                 if p.pid is not None:
@@ -448,7 +452,12 @@ class Supervisor(threading.Thread):
     def _retire(self, p: Position) -> None:
         """A stopped producer's serve() returned: its host goes back to the pool, its position is idle."""
         assert p.host is not None  # it ran
-        hosts.give_back(self._pool_key, p.host)
+        if self._warm:
+            hosts.give_back(self._pool_key, p.host)
+        else:
+            with contextlib.suppress(Exception):
+                self._ray.kill(p.actor, no_restart=True)
+            wait_dead(p.pid)
         self.work.reset(p.worker)
         p.actor = p.host = p.ready_ref = p.serve_ref = None
         p.pid = p.owner = None

@@ -64,7 +64,7 @@ class CPUSource:
 def _run(source, *, workers, step: float, seconds: float, warm: float, **options) -> dict[str, Any]:
     """Steady state: measured for ``seconds`` from ``warm`` seconds after every producer it started runs."""
     sf.release_producers()  # every configuration starts its own producer processes: none warm from the last
-    with sf.Feed(SPEC, fill=source, length=10**7, workers=workers, **options) as feed:
+    with sf.Feed(SPEC, fill=source, length=10**7, workers=workers, warm_producers=True, **options) as feed:
         batches = feed.epoch(0)
         t0 = time.perf_counter()
         n_warm = n = 0

@@ -54,8 +54,9 @@ def slots_for(w: Workload) -> int:
 
 
 def _feed(w: Workload, length: int, source: dict, num_cpus: float) -> sf.Feed:
+    # warm_producers: a row's feed leaves its producers for the new Feed timed after it (NOTE [warm producers]).
     return sf.Feed(spec_for(w), length=length, workers=w.workers, slots=slots_for(w), seed=w.seed,
-                   num_cpus=num_cpus, **source)
+                   num_cpus=num_cpus, warm_producers=True, **source)
 
 
 @contextmanager
