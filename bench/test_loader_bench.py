@@ -128,6 +128,16 @@ def _loader(impl: str):
     return DataLoader(dataset, batch_size=BATCH[0], num_workers=WORKERS, **options)
 
 
+def _pedantic_then_close(benchmark, rest, setup, loader) -> None:
+    """ROUNDS timed rounds of ``rest`` (after an untimed ``setup``), then close the loader if it can be."""
+    try:
+        benchmark.pedantic(rest, setup=setup, rounds=ROUNDS, iterations=1)
+    finally:
+        close = getattr(loader, "close", None)
+        if close is not None:
+            close()
+
+
 def _check(i: int, batch) -> bool:
     x, y = batch
     return (x.shape == BATCH and int(y[0]) == i * BATCH[0] and float(x[-1, 0, 0, 0]) == float(y[-1] % 251)
@@ -157,12 +167,7 @@ def test_loader_batches_2_to_n(benchmark, request, impl):
     benchmark.group = f"DataLoader dropped in: batches 2-{BATCHES} of {BATCH} float32, num_workers={WORKERS}"
     benchmark.extra_info.update(batch_bytes=int(np.prod(BATCH)) * 4 + 8 * BATCH[0], impl=impl, cpus=os.cpu_count(),
                                 load_average=os.getloadavg()[0])
-    try:
-        benchmark.pedantic(rest, setup=setup, rounds=ROUNDS, iterations=1)
-    finally:
-        close = getattr(loader, "close", None)
-        if close is not None:
-            close()
+    _pedantic_then_close(benchmark, rest, setup, loader)
     assert len(ok) == ROUNDS * BATCHES and all(ok)
     if benchmark.stats is not None:
         _FIGURES[impl] = benchmark.stats.stats.median
@@ -218,12 +223,7 @@ def test_augmentation_batches_2_to_n(benchmark, request, impl):
     benchmark.group = f"DataLoader dropped in: JPEG decode + random crop/flip, batch {AUG_BATCH}, " \
                       f"num_workers={WORKERS}, batches 2-{AUG_BATCHES}"
     benchmark.extra_info.update(impl=impl, cpus=os.cpu_count(), load_average=os.getloadavg()[0])
-    try:
-        benchmark.pedantic(rest, setup=setup, rounds=ROUNDS, iterations=1)
-    finally:
-        close = getattr(loader, "close", None)
-        if close is not None:
-            close()
+    _pedantic_then_close(benchmark, rest, setup, loader)
     assert len(ok) == ROUNDS * AUG_BATCHES and all(ok)
     if benchmark.stats is not None:
         _FIGURES[f"augmentation {impl}"] = benchmark.stats.stats.median

@@ -2,8 +2,9 @@
 
 NOTE [supervision]
   start    One producer per position ``w`` (0 .. workers-1), pinned to this
-           node, all started at once, each in a warm host from this process's
-           pool or a new one (NOTE [warm producers] in hosts.py). Each opens
+           node, all started at once, each in a new host actor or, with
+           ``warm=True``, a warm one from this process's pool (NOTE [warm
+           producers] in hosts.py). Each opens
            record ``w`` of the work area and then runs ``serve()``: one Ray
            call for its whole life. ``Supervisor.__init__`` returns once the
            first one is up, so start-up errors surface in ``Feed()``; the
@@ -28,13 +29,15 @@ NOTE [supervision]
            the controller every ``AUTOTUNE_S`` and starts producers at idle
            positions or stops one cleanly: its record's stop flag ends its
            takes, it finishes the batch it holds, its ``serve()`` returns and
-           its host goes back to the pool. No task is lost or repeated by either.
+           its host is killed (or, warm, goes back to the pool). No task is
+           lost or repeated by either.
   ray      If Ray itself dies, the producers die with it and no replacement
            starts: ``raise_if_failed`` says so within ``RAY_LOST_S``.
   stop     The feed closes the ring (every ``serve()`` returns once its batch
-           in hand is done), then ``stop()`` gives the hosts whose ``serve()``
-           returned within 1.5 batch times (``hosts.return_grace``) back to
-           the pool, kills the rest and waits, boundedly, for their pids.
+           in hand is done), then ``stop()`` kills the hosts and waits,
+           boundedly, for their pids; a warm feed first gives those whose
+           ``serve()`` returned within 1.5 batch times (``hosts.return_grace``)
+           back to the pool.
 """
 
 from __future__ import annotations

@@ -558,6 +558,7 @@ def nothing_may_start(monkeypatch):
     (dict(fill=fill_source, length=10, device="meta"), InvalidArgument, "CUDA device"),
     (dict(fill=fill_source, length=10, state={"version": 0}), InvalidArgument, "state"),
     (dict(fill=fill_source, length=10, backing="tape"), InvalidArgument, "tape"),
+    (dict(fill=fill_source, length=10, warm_producers="yes"), InvalidArgument, "warm_producers"),
     (dict(fill=fill_source, length=10, worker=2), TypeError, "worker"),
     (dict(fill=fill_source, length=10, shufle=True), TypeError, "shufle"),
 ])

@@ -54,7 +54,8 @@ def test_a_second_feed_runs_in_the_first_one_s_processes_and_makes_its_own_batch
     assert first_pids <= idle, "a cleanly closed feed's producers go back to the pool"
     assert not [pid for pid in idle if maps_a_ring(pid)], "a host in the pool maps no ring"
 
-    with Feed(SPEC, fill=lambda i, out, ctx: out["x"].fill(1000 + i), length=LENGTH, workers=2, warm_producers=True) as second:
+    with Feed(SPEC, fill=lambda i, out, ctx: out["x"].fill(1000 + i), length=LENGTH, workers=2,
+              warm_producers=True) as second:
         wait_until(lambda: all_started(second), 120, "both producers started")
         got = [int(b["x"][0]) for b in second.epoch(0)]
         second_pids = running_pids(second)

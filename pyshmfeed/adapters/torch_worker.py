@@ -367,27 +367,36 @@ def probe(payload: list, plan: Plan, num_workers: int, kind: int, auto_collation
     return None
 
 
-def probe_in_task(*args: Any) -> int | None:
-    """``probe`` in a Ray task's process, which Ray reuses: leave no worker info behind."""
+def _without_worker_info(fn: Any, *args: Any) -> Any:
+    """``fn(*args)`` in a Ray task's process, which Ray reuses: leave no worker info behind."""
     from torch.utils.data._utils import worker as torch_worker
 
     try:
-        return probe(*args)
+        return fn(*args)
     finally:
         torch_worker._worker_info = None
 
 
-_PROBE_TASK = None
+_TASKS: dict[str, Any] = {}
 
 
-def probe_task():
-    """``probe`` as a Ray task (made once per process)."""
-    global _PROBE_TASK
-    if _PROBE_TASK is None:
+def _as_task(fn: Any) -> Any:
+    """``fn`` as a Ray task with no CPU and no retry, run without leftover worker info (made once per process)."""
+    task = _TASKS.get(fn.__name__)
+    if task is None:
         import ray
 
-        _PROBE_TASK = ray.remote(num_cpus=0, max_retries=0)(probe_in_task)
-    return _PROBE_TASK
+        def run(*args: Any) -> Any:
+            return _without_worker_info(fn, *args)
+
+        run.__name__ = run.__qualname__ = f"{fn.__name__}_in_task"  # the name Ray shows for it
+        task = _TASKS[fn.__name__] = ray.remote(num_cpus=0, max_retries=0)(run)
+    return task
+
+
+def probe_task() -> Any:
+    """``probe`` as a Ray task."""
+    return _as_task(probe)
 
 
 def probe_first_batch(payload: list, plan: Plan, num_workers: int, kind: int, auto_collation: bool,
@@ -426,24 +435,6 @@ def probe_first_batch(payload: list, plan: Plan, num_workers: int, kind: int, au
     return needed, blob, elapsed
 
 
-def probe_first_batch_in_task(*args: Any) -> tuple[int, bytes | None, float] | None:
-    """``probe_first_batch`` in a Ray task's process, which Ray reuses: leave no worker info behind."""
-    from torch.utils.data._utils import worker as torch_worker
-
-    try:
-        return probe_first_batch(*args)
-    finally:
-        torch_worker._worker_info = None
-
-
-_PROBE_FIRST_BATCH_TASK = None
-
-
-def probe_first_batch_task():
-    """``probe_first_batch`` as a Ray task (made once per process)."""
-    global _PROBE_FIRST_BATCH_TASK
-    if _PROBE_FIRST_BATCH_TASK is None:
-        import ray
-
-        _PROBE_FIRST_BATCH_TASK = ray.remote(num_cpus=0, max_retries=0)(probe_first_batch_in_task)
-    return _PROBE_FIRST_BATCH_TASK
+def probe_first_batch_task() -> Any:
+    """``probe_first_batch`` as a Ray task."""
+    return _as_task(probe_first_batch)
