@@ -13,14 +13,25 @@ NOTE [autotune]
            ``interval`` seconds (nothing per batch), compares what the loop
            and the producers did in that window:
              - the loop waited (more than ``wait_tolerance`` of its wall time)
-               and producers are busy (> ``busy_high``) and the machine has an
-               idle core: add producers (more at once while the gap is large);
+               and producers are busy (> ``busy_high``): add producers, more
+               at once while the gap is large if the machine has
+               ``idle_enough`` idle cores, one (a probe) if it has not;
              - after a change, throughput is compared with the window before
-               it (the judging window is longer, ``JUDGE_S`` in supervisor.py, and
-               starts once the new producers run and a window has passed): an add that neither raised batches/s by ``gain`` nor cut
-               the loop's wait, on a machine with no idle core left, is taken
-               back (CPU-bound work on too few cores: producers only steal
-               CPU from each other), and adding pauses for ``hold`` windows;
+               it (the judging window is longer, ``JUDGE_S`` in supervisor.py,
+               and starts once the new producers run and a window has
+               passed): an add that neither raised batches/s by ``gain`` nor
+               cut the loop's wait, on a machine with less than ``idle_enough``
+               idle cores, is taken back (CPU-bound work on too few cores:
+               producers only steal CPU from each other), and adding pauses
+               for ``hold`` windows; with a core idle it is kept (CPU was not
+               the limit: the workload changed under the trial, as when an
+               I/O phase slows down, and taking it back cost ~8 s of
+               recovery in the mid-run-change bench);
+             - after an add taken back for want of CPU, one fewer is tried
+               and judged the same way: kept if throughput held (within
+               ``gain``), put back otherwise (and not tried below that
+               again). An add judged on a window that start-up had slowed
+               can look paid; this is how such a count comes back down;
              - producers mostly idle (< ``busy_low``) while the loop does not
                wait: remove one (a clean stop after its current batch).
            Every decision is kept with its reason (``Controller.decisions``).
@@ -125,7 +136,7 @@ class Controller:
 
     def __init__(self, min_workers: int, max_workers: int, *, wait_tolerance: float = 0.02,
                  busy_high: float = 0.7, busy_low: float = 0.3, gain: float = 0.05, hold: int = 4,
-                 min_batches: int = 4) -> None:
+                 min_batches: int = 4, idle_enough: float = 0.5) -> None:
         self.min_workers = min_workers
         self.max_workers = max_workers
         self.wait_tolerance = wait_tolerance
@@ -134,12 +145,15 @@ class Controller:
         self.gain = gain
         self.hold = hold
         self.min_batches = min_batches
+        self.idle_enough = idle_enough  # idle cores (machine-wide) that clear producers of stealing CPU
         self.decisions: collections.deque[Decision] = collections.deque(maxlen=12)
         self._t0 = time.monotonic()
         self._trial: tuple[int, float, float] | None = None  # (added, rate, wait fraction before): to judge
         self._cooldown = 0
         self._ceiling = max_workers  # lowered when adding stopped paying off
         self._failures = 0  # adds in a row that did not pay
+        self._try_fewer = False  # an add was taken back for want of CPU: try one fewer next
+        self._floor = min_workers  # raised when one fewer cost throughput
 
     @property
     def judging(self) -> bool:
@@ -153,18 +167,38 @@ class Controller:
         if self._trial is not None:
             added, before, waited = self._trial
             self._trial = None
+            if added < 0:
+                return self._judge_removal(w, workers, -added, before)
             # It paid if throughput rose, or if the loop now waits clearly less (it may have
             # caught up with the producers, so the rate shows the loop's pace, not theirs).
-            if w.rate < before * (1 + self.gain) and w.wait_fraction > 0.75 * waited:
+            paid = w.rate >= before * (1 + self.gain) or w.wait_fraction <= 0.75 * waited
+            if paid:
+                self._failures = 0
+            elif w.idle_cores >= self.idle_enough:
+                # Not CPU: with a core idle, producers did not steal it from each other. The
+                # workload changed under the trial (a slower phase began): keep them, go on.
+                self._record(0, workers, (
+                    f"+{added} producers: {before:.1f} -> {w.rate:.1f} batches/s, but with "
+                    f"{w.idle_cores:.1f} idle cores CPU is not the limit (the workload changed?): kept"))
+            else:
                 self._ceiling = max(self.min_workers, workers - added)
                 # Each failed try in a row waits twice as long before the next (CPU-bound work
                 # would otherwise pay for starting producers over and over).
                 self._cooldown = min(64, self.hold * 2 ** self._failures)
                 self._failures += 1
+                # Producers compete for CPU: fewer may do as well (an earlier add may have been
+                # judged on a window that start-up had slowed). Try one fewer next.
+                self._try_fewer = True
                 return self._record(-added, workers, (
                     f"+{added} producers did not pay: {before:.1f} -> {w.rate:.1f} batches/s "
                     f"and the loop still waits ({w.idle_cores:.1f} idle cores): back to {workers - added}"))
-            self._failures = 0  # it paid
+        if self._try_fewer:
+            self._try_fewer = False
+            if workers > max(self.min_workers, self._floor):
+                self._trial = (-1, w.rate, w.wait_fraction)
+                return self._record(-1, workers, (
+                    f"producers compete for CPU ({w.idle_cores:.1f} idle cores): trying one fewer "
+                    f"({w.rate:.1f} batches/s with {workers})"))
         if self._cooldown:
             self._cooldown -= 1
             if self._cooldown == 0:
@@ -179,6 +213,8 @@ class Controller:
             # At most triple per step: a loop waiting most of its time gets there in two steps, and
             # a step that overshoots (CPU-bound) is judged and taken back like any other.
             add = min(room, want, max(1, 2 * workers))
+            if w.idle_cores < self.idle_enough:
+                add = 1  # no core to give: only a probe (CPU-bound work would start many for nothing)
             self._trial = (add, w.rate, w.wait_fraction)
             return self._record(add, workers, (
                 f"loop waited {1e3 * w.loop_wait_s / max(1, w.batches):.1f} ms/batch "
@@ -189,6 +225,16 @@ class Controller:
                 f"producers {100 * w.busy_fraction:.0f}% busy and the loop did not wait "
                 f"({100 * w.wait_fraction:.1f}% of its time): -1 producer"))
         return 0
+
+    def _judge_removal(self, w: Window, workers: int, removed: int, before: float) -> int:
+        """A removal on trial: kept if throughput held, else put back (and not tried below that again)."""
+        if w.rate >= before * (1 - self.gain):
+            return self._record(0, workers, (
+                f"-{removed} producers kept: {before:.1f} -> {w.rate:.1f} batches/s with {workers}"))
+        self._floor = workers + removed
+        return self._record(removed, workers, (
+            f"-{removed} producers cost throughput: {before:.1f} -> {w.rate:.1f} batches/s: "
+            f"back to {workers + removed}"))
 
     def _record(self, change: int, workers: int, reason: str) -> int:
         self.decisions.append(Decision(time.monotonic() - self._t0, change, workers + change, reason))

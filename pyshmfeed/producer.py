@@ -133,6 +133,11 @@ class Producer:
         work, rec, task_index = self.work, self.worker, self.task_index
         assert task_index is not None  # serve() is for producers made with a task index
         while True:
+            # The epoch's order is built before taking one of its tasks, not while holding it:
+            # an ordered feed's loop waits for the task a producer holds (NOTE in work.TaskIndex).
+            job = work.current()
+            if job.count:
+                task_index.prepare(job.epoch, job.start, job.flags)
             try:
                 task = work.take(rec, stop=self._consumer_gone)
             except errors.RingClosed:

@@ -194,7 +194,14 @@ def epoch_positions(order: np.ndarray, *, start: int, ordered: bool, skip: froze
 
 
 class TaskIndex:
-    """Maps a task to its batch index, with the epoch's order cached (the producers' side)."""
+    """Maps a task to its batch index, with the epoch's order cached (the producers' side).
+
+    An unshuffled single-rank epoch needs no arrays (task ``k`` makes ``start + k``), and an
+    ordered one or one with nothing to skip no positions array: a producer of a 10-million-batch
+    feed used to build two 80 MB arrays before its first batch, holding that batch's seq (an
+    ordered feed's loop waited seconds for it). ``prepare`` builds what a job needs before a
+    producer takes one of its tasks.
+    """
 
     def __init__(self, length: int, *, seed: int, shuffle: bool, ordered: bool, rank: int, world_size: int,
                  resume_skip: frozenset[int] = frozenset()) -> None:
@@ -203,18 +210,32 @@ class TaskIndex:
         self.ordered = ordered
         self.resume_skip = resume_skip
         self._key: tuple | None = None
-        self._positions: np.ndarray = np.zeros(0, dtype=np.int64)  # set with _key, on the first task
-        self._order: np.ndarray = np.zeros(0, dtype=np.int64)
+        self._order: np.ndarray | None = None      # None: the identity (unshuffled, one rank)
+        self._positions: np.ndarray | None = None  # None: task k is position start + k
+        self._count = 0                            # the epoch's tasks
+
+    def prepare(self, epoch: int, start: int, flags: int) -> None:
+        """Build the order of a job's epoch (done once per epoch; ``__call__`` does it if not yet)."""
+        key = (epoch, start, bool(flags & JOB_RESUME))
+        if key == self._key:
+            return
+        identity = not self._shuffle and self._world_size == 1
+        self._order = None if identity else epoch_order(self.length, epoch, seed=self._seed, shuffle=self._shuffle,
+                                                        rank=self._rank, world_size=self._world_size)
+        size = self.length if self._order is None else len(self._order)
+        skip = self.resume_skip if key[2] else frozenset()
+        if self.ordered or not skip:
+            self._positions, self._count = None, max(0, size - start)
+        else:
+            order = np.arange(size) if self._order is None else self._order
+            self._positions = epoch_positions(order, start=start, ordered=self.ordered, skip=skip)
+            self._count = len(self._positions)
+        self._key = key
 
     def __call__(self, task: Task) -> int:
-        key = (task.epoch, task.start, bool(task.flags & JOB_RESUME))
-        if key != self._key:
-            self._order = epoch_order(self.length, task.epoch, seed=self._seed, shuffle=self._shuffle,
-                                      rank=self._rank, world_size=self._world_size)
-            skip = self.resume_skip if key[2] else frozenset()
-            self._positions = epoch_positions(self._order, start=task.start, ordered=self.ordered, skip=skip)
-            self._key = key
-        if not 0 <= task.k < len(self._positions):
+        self.prepare(task.epoch, task.start, task.flags)
+        if not 0 <= task.k < self._count:
             raise errors.CorruptSegment(f"task {task.k} of epoch {task.epoch} is past the epoch's "
-                                        f"{len(self._positions)} batches")
-        return int(self._order[self._positions[task.k]])
+                                        f"{self._count} batches")
+        position = task.start + task.k if self._positions is None else int(self._positions[task.k])
+        return position if self._order is None else int(self._order[position])

@@ -92,6 +92,43 @@ def test_an_add_that_does_not_pay_is_taken_back_and_not_retried_at_once():
     assert second_wait > first_wait  # a second failure in a row: longer before the next try
 
 
+def test_after_a_cpu_bound_take_back_one_fewer_is_tried_and_judged():
+    # 3 producers on a machine with no idle core: +1 does not pay, so it goes back and then one
+    # fewer is tried. Throughput holds with 2: kept. (Had it dropped, the third would come back.)
+    c = Controller(1, 16)
+    assert c.decide(window(150, 0.9, 1.0, 3, idle=0.0), 3) == 1
+    assert c.decide(window(150, 0.9, 1.0, 4, idle=0.0), 4) == -1  # taken back
+    assert c.decide(window(150, 0.9, 1.0, 3, idle=0.0), 3) == -1  # one fewer, on trial
+    assert "one fewer" in c.decisions[-1].reason
+    assert c.decide(window(149, 0.9, 1.0, 2, idle=0.0), 2) == 0
+    assert "kept" in c.decisions[-1].reason
+
+    c = Controller(1, 16)
+    c.decide(window(150, 0.9, 1.0, 3, idle=0.0), 3)
+    c.decide(window(150, 0.9, 1.0, 4, idle=0.0), 4)
+    assert c.decide(window(150, 0.9, 1.0, 3, idle=0.0), 3) == -1
+    assert c.decide(window(100, 0.9, 1.0, 2, idle=0.0), 2) == 1  # it cost throughput: put back
+    assert "cost throughput" in c.decisions[-1].reason
+
+
+def test_without_an_idle_core_an_add_is_a_single_probe():
+    c = Controller(1, 16)
+    assert c.decide(window(20, 0.9, 1.0, 2, idle=0.0), 2) == 1
+    assert "+1 producers" in c.decisions[-1].reason and "0.0 idle cores" in c.decisions[-1].reason
+
+
+def test_an_add_judged_on_a_slower_phase_is_kept_while_cores_are_idle():
+    # The trial began in a fast phase and was judged in a slow one: the rate fell, the loop still
+    # waits, but a core is idle, so producers did not compete for CPU. Keep them and add more.
+    c = Controller(1, 16)
+    add = c.decide(window(160, 0.3, 0.9, 2, idle=1.5), 2)
+    assert add >= 1
+    more = c.decide(window(60, 0.8, 1.0, 2 + add, idle=1.5), 2 + add)
+    assert more >= 1, "a slower phase is no reason to take producers back: it is a reason to add"
+    kept = [d for d in c.decisions if d.change == 0]
+    assert kept and "kept" in kept[-1].reason and "idle cores" in kept[-1].reason
+
+
 def test_removes_idle_producers_down_to_the_minimum():
     c = Controller(2, 8)
     assert c.decide(window(100, 0.0, 0.1, 4), 4) == -1

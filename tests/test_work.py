@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 
 from pyshmfeed import BatchSpec, Feed
-from pyshmfeed.errors import InvalidArgument, WouldBlock
+from pyshmfeed.errors import CorruptSegment, InvalidArgument, WouldBlock
 from pyshmfeed.producer import KILL_HOOK_ENV
 from pyshmfeed.ring import Ring
-from pyshmfeed.work import MAX_PRODUCERS, TaskIndex, WorkArea, epoch_order
+from pyshmfeed.work import JOB_RESUME, MAX_PRODUCERS, Task, TaskIndex, WorkArea, epoch_order, epoch_positions
 from test_feed import wait_until
 
 pytestmark = pytest.mark.timeout(120)
@@ -112,19 +112,24 @@ def test_producer_processes_take_every_task_once(start):
     assert everything == list(range(20_000))
 
 
-def test_task_index_matches_the_feeds_order():
-    index = TaskIndex(10, seed=4, shuffle=True, ordered=False, rank=1, world_size=2, resume_skip=frozenset({3}))
-    order = epoch_order(10, 2, seed=4, shuffle=True, rank=1, world_size=2)
-
-    class T:  # a Task without a ring
-        epoch, start, flags = 2, 0, 0
-
-    made = []
-    for k in range(len(order)):
-        t = T()
-        t.k = k
-        made.append(index(t))
-    assert made == [int(i) for i in order]
+@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("world_size,rank", [(1, 0), (2, 1), (3, 2)])
+@pytest.mark.parametrize("ordered,start,resume", [(True, 0, False), (True, 4, True), (False, 0, False),
+                                                  (False, 0, True)])
+def test_task_index_matches_the_feeds_order(shuffle, world_size, rank, ordered, start, resume):
+    # The producers' TaskIndex (which skips building arrays where it can) against the feed's
+    # own order and positions, for every kind of epoch: the batch each task makes must agree.
+    skip = frozenset({3, 7})
+    index = TaskIndex(11, seed=4, shuffle=shuffle, ordered=ordered, rank=rank, world_size=world_size,
+                      resume_skip=skip)
+    order = epoch_order(11, 2, seed=4, shuffle=shuffle, rank=rank, world_size=world_size)
+    positions = epoch_positions(order, start=start, ordered=ordered, skip=skip if resume else frozenset())
+    flags = JOB_RESUME if resume else 0
+    made = [index(Task(seq=k, k=k, epoch=2, start=start, flags=flags, reissued=False))
+            for k in range(len(positions))]
+    assert made == [int(order[p]) for p in positions]
+    with pytest.raises(CorruptSegment, match="past the epoch"):
+        index(Task(seq=0, k=len(positions), epoch=2, start=start, flags=flags, reissued=False))
 
 
 def test_workers_beyond_the_records_are_refused():
