@@ -9,15 +9,16 @@ NOTE [autotune]
            batches in flight. We take 2 × max_workers slots (every producer
            one batch in the making and one ready), fewer if the budget says
            so, never fewer than prefetch + 2.
-  workers  A controller, run by the supervisor's watch thread every
-           ``interval`` seconds (nothing per batch), compares what the loop
+  workers  A controller, run by the supervisor's watch thread (the
+           dispatcher's, for producers placed on the cluster) every
+           ``AUTOTUNE_S`` (nothing per batch), compares what the loop
            and the producers did in that window:
              - the loop waited (more than ``wait_tolerance`` of its wall time)
                and producers are busy (> ``busy_high``): add producers, more
                at once while the gap is large if the machine has
                ``idle_enough`` idle cores, one (a probe) if it has not;
              - after a change, throughput is compared with the window before
-               it (the judging window is longer, ``JUDGE_S`` in supervisor.py,
+               it (the judging window is longer, ``JUDGE_S``,
                and starts once the new producers run and a window has
                passed): an add that neither raised batches/s by ``gain`` nor
                cut the loop's wait, on a machine with less than ``idle_enough``
@@ -49,6 +50,8 @@ from dataclasses import dataclass
 
 from . import errors
 
+AUTOTUNE_S = 0.5  # the controller's window
+JUDGE_S = 1.5     # ... and the window that judges a change: a 0.5 s one is noise on a busy machine
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "kib": 2**10, "m": 10**6, "mb": 10**6, "mib": 2**20,
           "g": 10**9, "gb": 10**9, "gib": 2**30, "t": 10**12, "tb": 10**12, "tib": 2**40}
 
@@ -154,6 +157,18 @@ class Controller:
         self._failures = 0  # adds in a row that did not pay
         self._try_fewer = False  # an add was taken back for want of CPU: try one fewer next
         self._floor = min_workers  # raised when one fewer cost throughput
+        self._idle_cores = float(os.cpu_count() or 1)  # in the last window
+
+    @property
+    def short_of_cpu(self) -> bool:
+        """The last window had less than ``idle_enough`` idle cores (add producers elsewhere, if you can)."""
+        return self._idle_cores < self.idle_enough
+
+    def note(self, text: str) -> None:
+        """Append ``text`` to the last decision's reason (where its producers went, say)."""
+        if self.decisions:
+            d = self.decisions.pop()
+            self.decisions.append(Decision(d.at_s, d.change, d.workers, d.reason + text))
 
     @property
     def judging(self) -> bool:
@@ -162,6 +177,7 @@ class Controller:
 
     def decide(self, w: Window, workers: int) -> int:
         """The change in producers to make now (0: none), given the last window and how many run."""
+        self._idle_cores = w.idle_cores
         if w.batches < self.min_batches and w.wait_fraction < self.wait_tolerance:
             return 0  # too little seen: no verdict (or nothing asked for: the loop is elsewhere)
         if self._trial is not None:
@@ -239,6 +255,53 @@ class Controller:
     def _record(self, change: int, workers: int, reason: str) -> int:
         self.decisions.append(Decision(time.monotonic() - self._t0, change, workers + change, reason))
         return change
+
+
+class Tuner:
+    """Runs a ``Controller`` on a feed's counters: cuts the windows, lets start-ups settle.
+
+    Shared by the supervisor (producers on this node) and the dispatcher (producers placed on
+    the cluster). ``loop_counts()``: the loop's (batches, total wait seconds) so far.
+    """
+
+    def __init__(self, controller: Controller, loop_counts: Callable[[], tuple[int, float]]) -> None:
+        self.controller = controller
+        self._loop_counts = loop_counts
+        self._last: tuple[float, int, float, IdleCores] | None = None
+        self._settle = 0  # windows to skip before judging a change
+
+    def due(self) -> bool:
+        """A window has passed (``JUDGE_S`` while a change is on trial, else ``AUTOTUNE_S``)."""
+        now = time.monotonic()
+        if self._last is None:
+            batches, wait = self._loop_counts()
+            self._last = (now, batches, wait, IdleCores())
+            return False
+        return now - self._last[0] >= (JUDGE_S if self.controller.judging else AUTOTUNE_S)
+
+    def step(self, busy_s: float, running: int, starting: bool) -> int:
+        """Close the window (``busy_s``: producers' busy time in it) and return the change to make."""
+        now = time.monotonic()
+        assert self._last is not None  # due() came first
+        t0, b0, w0, idle = self._last
+        batches, wait = self._loop_counts()
+        self._last = (now, batches, wait, idle)
+        window = Window(now - t0, batches - b0, wait - w0, busy_s, running, idle.sample())
+        if starting:
+            self._settle = 2  # starting Python processes costs CPU: let it pass before judging
+            return 0  # producers still starting: judge the last change once they run
+        if self._settle:
+            self._settle -= 1  # a window for the new producers' start-up to leave the machine
+            return 0
+        change = self.controller.decide(window, running)
+        if change:
+            self._settle = 1
+        return change
+
+    def summary(self) -> dict:
+        c = self.controller
+        return {"min_workers": c.min_workers, "max_workers": c.max_workers,
+                "decisions": [d.as_dict() for d in c.decisions]}
 
 
 def ring_slots(*, slot_bytes: int, budget: int | None, want: int, at_least: int,

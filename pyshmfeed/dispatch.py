@@ -12,12 +12,14 @@ feed.py; remote producers add NOTE [remote producers] in remote.py.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 import threading
 import time
 from typing import Any, Callable
 
 from . import errors
+from .autotune import Tuner
 from .procs import wait_dead
 from .producer import Producer
 from .registry import is_alive
@@ -40,6 +42,8 @@ class ProducerPosition:
         self.shard_epoch: int | None = None
         self.shard_count: int | None = None
         self.pids: list[int] = []
+        self.active = True     # under autotune, positions past the running count are idle
+        self.retiring = False  # autotune stops it: no more work; stopped once its calls returned
 
 
 class Dispatcher(threading.Thread):
@@ -48,8 +52,12 @@ class Dispatcher(threading.Thread):
     def __init__(self, *, ring: Ring, spec: BatchSpec, kind: str, fn: Callable[..., Any], workers: int,
                  seed: int, ordered: bool, chunk: int, placement: str | tuple[str, ...], num_cpus: float,
                  lease: float | None, max_restarts: int, actor_options: dict,
-                 delivered: Callable[[], set[int]]) -> None:
-        """``delivered()``: the sequences of this epoch the loop has had (a copy; any thread)."""
+                 delivered: Callable[[], set[int]], active: int | None = None, tuner: Tuner | None = None) -> None:
+        """``delivered()``: the sequences of this epoch the loop has had (a copy; any thread).
+
+        ``tuner`` (NOTE [autotune]): ``workers`` positions, the first ``active`` started; the
+        controller starts and stops producers at the others.
+        """
         super().__init__(name="pyshmfeed-dispatcher", daemon=True)
         import ray
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -90,13 +98,17 @@ class Dispatcher(threading.Thread):
 
             self._cluster = ClusterPlacement(ring=ring, spec=spec, kind=kind, fn=fn, workers=workers, seed=seed,
                                              placement=placement, options=options, actor_options=actor_options)
+        self._tuner = tuner
+        self._busy_seen = 0.0  # _busy_s at the controller's last window
         self.positions = [ProducerPosition(w) for w in range(workers)]
         for p in self.positions:
-            self._start_actor(p)
+            p.active = active is None or p.worker < active
+            if p.active:
+                self._start_actor(p)
         # Wait for the first producer to attach, so start-up errors (a source that does not
         # unpickle, a ring that cannot be attached) surface here, in __init__. The others join
         # as they come up (_on_started): the first batch need not wait for the slowest start.
-        starting = {p.ready_ref: p for p in self.positions}
+        starting = {p.ready_ref: p for p in self.positions if p.ready_ref is not None}
         done, _ = ray.wait(list(starting), num_returns=1, timeout=300)
         if not done:
             raise errors.ShmfeedError("no producer started within 300 s; is the Ray cluster out of CPUs? "
@@ -109,15 +121,19 @@ class Dispatcher(threading.Thread):
         p.identity, p.ready_ref = ident, None
         p.pids.append(ident["pid"])
 
-    def _start_actor(self, p: ProducerPosition) -> None:
+    def _start_actor(self, p: ProducerPosition, elsewhere: bool = False) -> str | None:
+        """Start position ``p``'s next incarnation; ``elsewhere``: on another node than this one
+        if the placement allows it. Returns the node it was asked onto, if one was chosen."""
+        node = None
         if self._cluster is not None:
-            p.actor = self._cluster.start_actor(p.worker)
+            p.actor, node = self._cluster.start_actor(p.worker, elsewhere=elsewhere)
         else:
             handle, spec, kind, fn = self._args
             p.actor = self._actor_cls.remote(handle, spec, kind, fn, p.worker, self._workers, self._seed,
                                              os.getpid())
         p.identity = None
         p.ready_ref = p.actor.identity.remote()
+        return node
 
     # ---- called from the training thread -----------------------------------
 
@@ -178,13 +194,17 @@ class Dispatcher(threading.Thread):
     def producer_counts(self) -> dict[str, int]:
         """Producers running (started, taking work) and starting (Ray is starting them) now."""
         running = sum(p.identity is not None for p in self.positions)
-        return {"running": running, "starting": len(self.positions) - running}
+        starting = sum(p.ready_ref is not None for p in self.positions)
+        return {"running": running, "starting": starting}
 
     def summary(self) -> dict[str, Any]:
-        s = {"restarts": self.restarts, "reissued": self.reissued, "producer_busy_s": self._busy_s,
+        s: dict[str, Any] = {"restarts": self.restarts, "reissued": self.reissued, "producer_busy_s": self._busy_s,
              "producer_wall_s": time.perf_counter() - self._t0}
         if self._cluster is not None:
             s.update(self._cluster.summary([p.identity for p in self.positions]))  # remote batches, ingest copies
+        if self._tuner is not None:
+            s["workers"] = sum(1 for p in self.positions if p.active and not p.retiring)
+            s["autotune"] = self._tuner.summary()
         return s
 
     def stop(self) -> None:
@@ -246,7 +266,7 @@ class Dispatcher(threading.Thread):
                 in_flight = [t[0] for q in self.positions for ts, _ in q.inflight.values() for t in ts]
                 limit = min(in_flight + [self._pending[0][0]]) + self.ring.slots
             for p in self.positions:
-                if p.identity is None:
+                if p.identity is None or p.retiring:
                     continue
                 if p.shard_epoch is not None and p.shard_ref is None and p.shard_count is None:
                     skip = self._shard_skip.get(p.worker, 0)
@@ -286,6 +306,46 @@ class Dispatcher(threading.Thread):
             else:
                 self._on_result(by_ref[ref], ref)
         self._check_leases()
+        self._stop_retired()
+        if self._tuner is not None and self._tuner.due():
+            self._autotune(self._tuner)
+
+    # ---- autotune (NOTE [autotune]) ----------------------------------------------
+
+    def _autotune(self, tuner: Tuner) -> None:
+        busy, self._busy_seen = self._busy_s - self._busy_seen, self._busy_s
+        running = sum(1 for p in self.positions if p.active and not p.retiring and p.identity is not None)
+        wanted = sum(1 for p in self.positions if p.active and not p.retiring)
+        change = tuner.step(busy, running, starting=running < wanted)
+        # Where to add: with no idle core here, on another node (placement="cluster").
+        elsewhere = tuner.controller.short_of_cpu
+        for _ in range(max(0, change)):
+            idle = next((p for p in self.positions if not p.active), None)
+            if idle is None:
+                break
+            with self._lock:
+                idle.active, idle.retiring = True, False
+            node = self._start_actor(idle, elsewhere=elsewhere)
+            if node is not None:
+                tuner.controller.note(f"; producer {idle.worker} asked onto node {node[:8]} (no idle core here)")
+        for _ in range(max(0, -change)):
+            busy_one = next((p for p in reversed(self.positions) if p.active and not p.retiring), None)
+            if busy_one is not None:
+                with self._lock:
+                    busy_one.retiring = True  # no more work for it; stopped once its calls returned
+
+    def _stop_retired(self) -> None:
+        """A clean stop: a retiring producer whose calls all returned holds nothing; kill it."""
+        for p in self.positions:
+            if not (p.retiring and not p.inflight and p.ready_ref is None):
+                continue
+            with contextlib.suppress(Exception):
+                self._ray.kill(p.actor, no_restart=True)
+            if p.identity is not None and not p.identity.get("remote"):
+                wait_dead(p.identity.get("pid"))
+            with self._lock:
+                p.actor, p.identity = None, None
+                p.active = p.retiring = False
 
     def _on_started(self, p: ProducerPosition, ref) -> None:
         try:
@@ -366,6 +426,9 @@ class Dispatcher(threading.Thread):
                 self._shard_skip[p.worker] = skip
                 p.shard_count = None
             p.identity = None
+            if p.retiring or not p.active:  # autotune was stopping it anyway: its work is re-issued
+                p.actor, p.ready_ref, p.active, p.retiring = None, None, False, False
+                return
         if self.restarts_left <= 0:
             self._fail(errors.ProducerLost(f"producer {p.worker} died and no restarts are left "
                                            f"({self.restarts} used); see the Ray logs for why it died"))

@@ -70,8 +70,13 @@ class Feed:
     - ``shards=fn(worker, num_workers, ctx) -> iterator of batches`` (generator pipelines).
 
     ``fill``/``make`` need ``length`` (batches per epoch). Options:
-    ``workers`` producer actors (default 4), ``slots`` in the ring (default
-    ``max(2 * workers, prefetch + 2)``), ``ordered`` (default True:
+    ``workers`` producer actors (default 4; ``"auto"`` or ``(min, max)``, with
+    ``min_workers``/``max_workers`` and ``memory_budget``, lets the feed
+    choose and change the number while it runs, NOTE [autotune] in
+    autotune.py: with ``placement="cluster"`` it adds producers on other
+    nodes while this node has no idle core; a ``shards`` source keeps the
+    number it starts with, as its shards split the data), ``slots`` in the
+    ring (default ``max(2 * workers, prefetch + 2)``), ``ordered`` (default True:
     deterministic order for any number of workers; False: first ready, first
     served), ``shuffle`` (a per-epoch permutation of the *batch* indices,
     seeded by ``seed`` and the epoch: it reorders batches, not the samples
@@ -194,9 +199,12 @@ class Feed:
         if bounds is not None and assignment == "round_robin":
             raise errors.InvalidArgument("assignment='round_robin' fixes which producer makes each batch: "
                                          "give a fixed number of workers, not 'auto'")
-        # Autotune moves producers in and out of the segment's records; shards and remote producers
-        # keep the number it starts with.
-        self._autotune = bounds if self._segment_handout else None
+        # Autotune moves producers in and out (of the segment's records, or of the dispatcher's
+        # positions for producers placed on the cluster). A shards source keeps the number it
+        # starts with: its shards, fn(worker, num_workers), are how the data is split.
+        self._autotune = bounds if self.kind != "shards" else None
+        if bounds is not None and self.kind == "shards":
+            positions = workers
         if self._segment_handout and positions > MAX_PRODUCERS:
             raise errors.InvalidArgument(f"workers={positions}: a ring serves at most {MAX_PRODUCERS} producers "
                                          "on its node")
@@ -238,30 +246,33 @@ class Feed:
                 assert length is not None  # checked above for indexed sources
                 task_index = TaskIndex(length, seed=self.seed, shuffle=shuffle, ordered=ordered, rank=rank,
                                        world_size=world_size, resume_skip=skip)
-                controller = None
-                if self._autotune is not None:
-                    from .autotune import Controller
-
-                    controller = Controller(*self._autotune)
                 self._dispatcher = Supervisor(
                     ring=ring, spec=spec, kind=self.kind, fn=self._fn, workers=positions, seed=self.seed,
                     task_index=task_index, ordered=ordered, num_cpus=num_cpus, lease=lease,
                     max_restarts=restarts, actor_options=_actor_options or {},
-                    delivered=_weak_call(self._delivered_now, set), active=workers, controller=controller,
-                    loop_counts=self._stats.counts, warm=warm_producers)
+                    delivered=_weak_call(self._delivered_now, set), active=workers, tuner=self._tuner(),
+                    warm=warm_producers)
             else:
                 from .dispatch import Dispatcher
 
                 self._dispatcher = Dispatcher(
-                    ring=ring, spec=spec, kind=self.kind, fn=self._fn, workers=workers, seed=self.seed,
+                    ring=ring, spec=spec, kind=self.kind, fn=self._fn, workers=positions, seed=self.seed,
                     ordered=ordered, chunk=self.chunk, placement=placement, num_cpus=num_cpus, lease=lease,
                     max_restarts=restarts, actor_options=_actor_options or {},
-                    delivered=_weak_call(self._delivered_now, set))
+                    delivered=_weak_call(self._delivered_now, set), active=workers, tuner=self._tuner())
             self._dispatcher.start()
         except BaseException:
             self.close()
             raise
         self._stats.startup_s = time.perf_counter() - self._created
+
+    def _tuner(self) -> Any:
+        """The autotune controller on this feed's counters (NOTE [autotune]), or None: a fixed count."""
+        if self._autotune is None:
+            return None
+        from .autotune import Controller, Tuner
+
+        return Tuner(Controller(*self._autotune), self._stats.counts)
 
     @classmethod
     def from_ray_dataset(cls, ds: Any, spec: BatchSpec, **options: Any) -> "Feed":

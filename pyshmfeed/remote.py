@@ -43,6 +43,13 @@ NOTE [remote producers]
            for any producer death. Replacements get the new ingest's handle.
   stop     ``Feed.close`` closes the ring (the ingest's waits end), kills the
            producers, then the ingest, and waits for the ingest's process.
+  autotune With ``workers="auto"`` the dispatcher runs the same controller
+           as the supervisor (NOTE [autotune]): it starts producers at idle
+           positions and retires one by giving it no more work and killing
+           it once its calls returned (nothing of it is in flight). While the
+           consumer's node has no idle core, an added producer is asked onto
+           another node (``start_actor(elsewhere=True)``: a soft affinity,
+           the live nodes with CPUs in turn).
   tuning   A remote batch stays in flight longer (copy out, transfer, copy
            in), and a call settles all its batches before it returns: give
            remote producers more ``slots`` and a ``chunk`` of a few batches
@@ -332,6 +339,7 @@ class ClusterPlacement:
         self.window = REMOTE_WINDOW
         self._options = dict(options)
         self._user_strategy = "scheduling_strategy" in actor_options
+        self._elsewhere = 0  # producers autotune asked onto other nodes (to take the nodes in turn)
         self._producer_cls = ray.remote(ClusterProducer)
         concurrency = max(4, workers * self.window + 2)
         self._ingest_cls = ray.remote(concurrency_groups={_CONTROL: 2})(Ingest).options(
@@ -352,11 +360,19 @@ class ClusterPlacement:
             raise errors.ShmfeedError(f"the ingest actor (which copies batches from other nodes into the "
                                       f"ring) failed to start on node {self.node}: {exc}") from exc
 
-    def start_actor(self, worker: int) -> Any:
-        """Start producer ``worker``'s next incarnation, placed as ``placement`` says."""
+    def start_actor(self, worker: int, elsewhere: bool = False) -> tuple[Any, str | None]:
+        """Start producer ``worker``'s next incarnation, placed as ``placement`` says.
+
+        ``elsewhere`` (autotune, when this node has no idle core): with ``placement="cluster"``,
+        ask for another node (a soft affinity: Ray falls back to any node if that one is full).
+        Returns the actor and the node it was asked onto (None: Ray's choice or the pinned one).
+        """
         options = dict(self._options)
+        node = None
         if not self._user_strategy:
-            if self.placement == "cluster":
+            if self.placement == "cluster" and elsewhere and (node := self._other_node()) is not None:
+                options["scheduling_strategy"] = self._affinity(node_id=node, soft=True)
+            elif self.placement == "cluster":
                 options["scheduling_strategy"] = "SPREAD"
             else:
                 nodes = self.placement
@@ -366,9 +382,19 @@ class ClusterPlacement:
                 alive = any(n["NodeID"] == node and n["Alive"] for n in ray.nodes())
                 options["scheduling_strategy"] = self._affinity(node_id=node, soft=not alive)
         spec, kind, fn = self._args
-        return self._producer_cls.options(**options).remote(
+        actor = self._producer_cls.options(**options).remote(
             self.ring.handle, spec, kind, fn, worker, self._workers, self._seed, os.getpid(), self.node,
             self.ingest, self.window)
+        return actor, node
+
+    def _other_node(self) -> str | None:
+        """A live node other than the ring's with CPUs, in turn (None: there is none)."""
+        others = sorted(n["NodeID"] for n in ray.nodes()
+                        if n["Alive"] and n["NodeID"] != self.node and n.get("Resources", {}).get("CPU", 0) > 0)
+        if not others:
+            return None
+        self._elsewhere += 1
+        return others[self._elsewhere % len(others)]
 
     def reclaim(self, identity: dict[str, Any]) -> None:
         """Make sure a dead producer can commit nothing more (then the feed re-issues its work)."""

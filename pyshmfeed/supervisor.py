@@ -33,7 +33,7 @@ NOTE [supervision]
            ordered feeds hold it until the loop has every batch before it.
   scale    With ``workers="auto"`` (NOTE [autotune] in autotune.py) there
            are ``max_workers`` positions, some idle; the watch thread runs
-           the controller every ``AUTOTUNE_S`` and starts producers at idle
+           the controller every ``autotune.AUTOTUNE_S`` and starts producers at idle
            positions or stops one cleanly: its record's stop flag ends its
            takes, it finishes the batch it holds, its ``serve()`` returns and
            its host is killed (or, warm, goes back to the pool). No task is
@@ -58,6 +58,7 @@ from typing import Any, Callable
 from . import errors, hosts, raylife, registry
 from ._ffi import lib
 from .procs import wait_dead
+from .autotune import Tuner
 from .ring import CLOSE_FAILED, CLOSE_PRODUCER_ERROR, Ring
 from .spec import BatchSpec
 from .work import JOB_RESUME, Job, TaskIndex, WorkArea
@@ -67,8 +68,6 @@ _SETTLE_S = 2.0         # a live producer's take in progress ends in nanoseconds
 START_S = 300.0         # the first producer must be up by then
 FIRST_WAVE = 1           # new producer processes started before the first one is up
 RAY_LOST_S = 30.0       # no producer alive and none starting for this long: Ray is gone
-AUTOTUNE_S = 0.5        # the autotune controller's window
-JUDGE_S = 1.5           # ... and the window that judges a change: a 0.5 s one is noise on a busy machine
 KILLS_PER_BATCH = 3     # a batch whose producer died this often is the culprit: it fails the feed
 
 
@@ -102,8 +101,7 @@ class Supervisor(threading.Thread):
     def __init__(self, *, ring: Ring, spec: BatchSpec, kind: str, fn: Callable[..., Any], workers: int,
                  seed: int, task_index: TaskIndex, ordered: bool, num_cpus: float, lease: float | None,
                  max_restarts: int, actor_options: dict, delivered: Callable[[], set[int]],
-                 active: int | None = None, controller: Any = None,
-                 loop_counts: Callable[[], tuple[int, float]] | None = None, warm: bool = False) -> None:
+                 active: int | None = None, tuner: Tuner | None = None, warm: bool = False) -> None:
         """``warm``: borrow producer hosts from this process's pool and give them back at the end
         (NOTE [warm producers]); otherwise every host is started here and killed at the end."""
         super().__init__(name="pyshmfeed-supervisor", daemon=True)
@@ -143,10 +141,7 @@ class Supervisor(threading.Thread):
         self._warm = warm
         self._pool_key = hosts.key(ray.get_runtime_context().get_node_id(), num_cpus, actor_options)
         self.positions = [Position(w) for w in range(workers)]
-        self.controller = controller  # autotune.Controller, or None: a fixed number of producers
-        self._loop_counts = loop_counts
-        self._window: tuple[float, int, float, Any] | None = None
-        self._settle = 0  # autotune windows to skip before judging a change
+        self._tuner = tuner  # None: a fixed number of producers (NOTE [autotune])
         self._deaths_holding: dict[int, int] = {}  # seq -> producers that died holding it
         for p in self.positions:
             self.work.reset(p.worker)
@@ -296,9 +291,8 @@ class Supervisor(threading.Thread):
         s = {"restarts": self.restarts, "reissued": self.reissued, "producer_busy_s": busy_ns / 1e9,
              "producer_wall_s": time.perf_counter() - self._t0, "handout": "segment",
              "workers": self.workers_running()}
-        if self.controller is not None:
-            s["autotune"] = {"min_workers": self.controller.min_workers, "max_workers": self.controller.max_workers,
-                             "decisions": [d.as_dict() for d in self.controller.decisions]}
+        if self._tuner is not None:
+            s["autotune"] = self._tuner.summary()
         return s
 
     def producer_counts(self) -> dict[str, int]:
@@ -410,27 +404,12 @@ class Supervisor(threading.Thread):
                         ray.kill(p.actor, no_restart=True)
                     self._on_death(p)
         self._check_ray_alive()
-        if self.controller is not None:
-            self._autotune()
+        if self._tuner is not None and self._tuner.due():
+            self._autotune(self._tuner)
 
     # ---- autotune (NOTE [autotune]) ----------------------------------------------
 
-    def _autotune(self) -> None:
-        now = time.monotonic()
-        loop_counts = self._loop_counts
-        assert loop_counts is not None  # given with a controller
-        if self._window is None:
-            from .autotune import IdleCores
-
-            batches, wait = loop_counts()
-            self._window = (now, batches, wait, IdleCores())
-            return
-        t0, b0, w0, idle = self._window
-        if now - t0 < (JUDGE_S if self.controller.judging else AUTOTUNE_S):
-            return
-        from .autotune import Window
-
-        batches, wait = loop_counts()
+    def _autotune(self, tuner: Tuner) -> None:
         busy_ns = 0
         for p in self.positions:
             if p.active and p.owner is not None:
@@ -439,17 +418,7 @@ class Supervisor(threading.Thread):
                 busy_ns += rec.busy_ns - (seen if owner == rec.owner else 0)
                 p.busy_seen = (rec.owner, rec.busy_ns)
         running = sum(1 for p in self.positions if p.active and p.pid is not None and not p.stopping)
-        window = Window(now - t0, batches - b0, wait - w0, busy_ns / 1e9, running, idle.sample())
-        self._window = (now, batches, wait, idle)
-        if running < self.workers_running():
-            self._settle = 2  # starting Python processes costs CPU: let it pass before judging
-            return  # producers still starting: judge the last change once they run
-        if self._settle:
-            self._settle -= 1  # a window for the new producers' start-up to leave the machine
-            return
-        change = self.controller.decide(window, running)
-        if change:
-            self._settle = 1
+        change = tuner.step(busy_ns / 1e9, running, starting=running < self.workers_running())
         for _ in range(max(0, change)):
             self._add_producer()
         for _ in range(max(0, -change)):

@@ -194,7 +194,25 @@ def node_removed(cluster, nodes):
     return out
 
 
-SCENARIOS = {f.__name__: f for f in (remote_ordered, mixed_unordered, ingest_killed, node_removed)}
+def autotune_elsewhere(cluster, nodes):
+    """workers=(1, 3) on the cluster, the consumer's node short of CPU: autotune adds on the far node."""
+    length = 150
+    with sf.Feed(SPEC, fill=make_fill(0.03), length=length, workers=(1, 3), ordered=False,
+                 placement="cluster") as feed:
+        WATCHDOG.watch(feed)
+        # Both simulated nodes are this machine: make its idle CPU never enough, as on a busy
+        # consumer node, so every add is asked onto another node.
+        feed._dispatcher._tuner.controller.idle_enough = float("inf")
+        indices, bad = consume(feed, 0)
+        s = feed.stats()
+        out = {"indices": indices, "bad": bad, "length": length, "decisions": s["autotune"]["decisions"],
+               "far": nodes["far"], "stats": _stats(feed)}
+    return out
+
+
+# node_removed last: it takes the far node away.
+SCENARIOS = {f.__name__: f for f in (remote_ordered, mixed_unordered, ingest_killed, autotune_elsewhere,
+                                     node_removed)}
 
 
 def join_then_add_far_node(cluster, **node_args):

@@ -211,3 +211,35 @@ def test_auto_stops_idle_producers_cleanly(ray_session):
         assert any(d["change"] < 0 for d in decisions), decisions
         assert stats["workers"] < min(4, os.cpu_count() or 1)
     assert stats["restarts"] == 0  # a clean stop is not a death
+
+
+@pytest.mark.parametrize("ordered", [True, False])
+def test_cluster_placement_scales_up_and_down_exactly_once_through_a_kill(ray_session, ordered):
+    # placement="cluster" runs producers through the dispatcher (Ray calls per chunk), not the
+    # segment: autotune adds positions there too, and retires them cleanly after their calls.
+    with Feed(_SCALE_SPEC, fill=jittery_fill, length=400, workers=(1, 4), ordered=ordered,
+              placement="cluster") as feed:
+        d = feed._dispatcher
+        killed = threading.Event()
+
+        def kill_one():
+            wait_until(lambda: sum(p.identity is not None for p in d.positions) >= 2, 60, "a second producer")
+            victim = next(p.identity["pid"] for p in d.positions if p.identity is not None)
+            os.kill(victim, signal.SIGKILL)
+            killed.set()
+
+        threading.Thread(target=kill_one, daemon=True).start()
+        got = [sorted(int(b["x"][0]) for b in feed.epoch(0))]
+        slow = []
+        for b in feed.epoch(1):  # the loop is now the slow side: producers idle, and are stopped
+            slow.append(int(b["x"][0]))
+            time.sleep(0.03)
+        got.append(sorted(slow))
+        assert killed.wait(60)
+        stats = feed.stats()
+    assert all(g == list(range(400)) for g in got)
+    decisions = stats["autotune"]["decisions"]
+    assert any(d["change"] > 0 for d in decisions), decisions
+    assert any(d["change"] < 0 for d in decisions), decisions
+    assert all(1 <= d["workers"] <= 4 for d in decisions)
+    assert stats["restarts"] == 1  # the kill; a retired producer is not a death

@@ -125,6 +125,15 @@ def fill(index, out, ctx):
     out["x"][:] = index + ctx.epoch / 10
 
 
+def test_autotune_adds_producers_on_another_node_when_the_consumers_node_is_short_of_cpu(scenarios):
+    r = scenario(scenarios, "autotune_elsewhere")
+    assert sorted(r["indices"]) == list(range(r["length"])) and r["bad"] == 0
+    adds = [d for d in r["decisions"] if d["change"] > 0]
+    assert adds, r["decisions"]
+    assert all(d["change"] == 1 for d in adds)  # no idle core: each add is a single probe
+    assert any(f"asked onto node {r['far'][:8]}" in d["reason"] for d in adds), r["decisions"]
+
+
 def test_cluster_placement_on_a_single_node_writes_slots_directly(ray_session):
     with sf.Feed(SPEC, fill=fill, length=12, workers=2, placement="cluster") as feed:
         got = [(b.index, float(b["x"][0, 0]), bool(np.all(b["x"] == b["x"][0, 0]))) for b in feed.epoch(1)]

@@ -81,13 +81,13 @@ def notes(result: dict[str, Any]) -> str:
                    f"{ray['start_s']:.2f} s")
     elif any(r["status"] == "ok" and r["key"].startswith(("ray", "pyshmfeed")) for r in result["rows"]):
         out.append("Ray was already running: its start-up is not in any figure")
-    cold = result.get("cold_start")
-    if cold:
-        if "error" in cold:
-            out.append(f"pyshmfeed cold start (the feed starts Ray itself): failed: {cold['error']}")
-        else:
-            out.append(f"pyshmfeed time to first batch with no Ray running (the feed starts Ray): "
-                       f"{cold['time_to_first_batch_s']:.2f} s")
+    for key, what in (("cold_start", "with no Ray running (the feed starts Ray)"),
+                      ("fresh_ray", "on a Ray just started (its prestarted workers idle, as after a script's "
+                                    "ray.init())")):
+        first = result.get(key)
+        if first:
+            figure = f"failed: {first['error']}" if "error" in first else f"{first['time_to_first_batch_s']:.2f} s"
+            out.append(f"pyshmfeed (in-place fill) time to first batch {what}: {figure}")
     for r in result["rows"]:
         nxt = r.get("extra", {}).get("next_epoch_time_to_first_batch_s")
         if r["status"] == "ok" and nxt is not None:

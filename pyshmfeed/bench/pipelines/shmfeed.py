@@ -104,10 +104,11 @@ def open_fill(w: Workload, length: int, run: RunContext) -> AbstractContextManag
     return _open(w, length, run, {"fill": FillSource(w)})
 
 
-def cold_start(w: Workload) -> dict:
-    """Time to first batch of a fill feed when no Ray is running: the feed starts Ray itself.
+def first_batch(w: Workload) -> dict:
+    """Time to first batch of a new fill feed, producer processes included.
 
-    Call with Ray shut down; the feed shuts its Ray down when it closes.
+    With no Ray running, the feed starts Ray itself and shuts it down when it closes (the
+    cold start); with Ray running, it starts producers on it.
     """
     num_cpus = RunContext(cpus=os.cpu_count() or 1).producer_cpus(w.workers)
     t0 = time.perf_counter()
