@@ -450,14 +450,13 @@ SHMFEED_MUST_USE int shmfeed_layout_fields(const shmfeed_field **out, uint32_t *
 uint64_t shmfeed_layout_magic(void) { return SHMFEED_MAGIC; }
 uint32_t shmfeed_layout_version(void) { return SHMFEED_LAYOUT_VERSION; }
 
-SHMFEED_MUST_USE int shmfeed_ring_create(uint32_t slot_count, uint64_t slot_bytes, uint32_t flags,
-                                         shmfeed_ring **out, char *err, size_t errlen)
+/* What shmfeed_ring_create checks before it makes anything: the shape, the flags, and that the
+ * machine has the memory now. Callers run it first when creating the ring comes late (the feed
+ * starts producers' processes while it reserves the ring) but a bad shape must fail first. */
+SHMFEED_MUST_USE int shmfeed_ring_check(uint32_t slot_count, uint64_t slot_bytes, uint32_t flags, char *err,
+                                        size_t errlen)
 {
     uint64_t stride, data_offset, total, avail;
-    int rc;
-    if (!out)
-        return fail(err, errlen, SHMFEED_E_INVAL, "out pointer is NULL");
-    *out = NULL;
     if (slot_count == 0 || slot_count > SHMFEED_MAX_SLOTS)
         return fail(err, errlen, SHMFEED_E_INVAL, "slot count %u is out of range: use 1..%u", slot_count,
                     SHMFEED_MAX_SLOTS);
@@ -477,6 +476,22 @@ SHMFEED_MUST_USE int shmfeed_ring_create(uint32_t slot_count, uint64_t slot_byte
                     "%llu bytes are available; use fewer or smaller slots, or free memory",
                     (unsigned long long)total, slot_count, (unsigned long long)stride,
                     (unsigned long long)data_offset, (unsigned long long)avail);
+    return SHMFEED_OK;
+}
+
+SHMFEED_MUST_USE int shmfeed_ring_create(uint32_t slot_count, uint64_t slot_bytes, uint32_t flags,
+                                         shmfeed_ring **out, char *err, size_t errlen)
+{
+    uint64_t stride, data_offset, total, avail;
+    int rc;
+    if (!out)
+        return fail(err, errlen, SHMFEED_E_INVAL, "out pointer is NULL");
+    *out = NULL;
+    if ((rc = shmfeed_ring_check(slot_count, slot_bytes, flags, err, errlen)) != SHMFEED_OK)
+        return rc;
+    (void)compute_geometry(slot_count, slot_bytes, &stride, &data_offset, &total); /* checked above */
+    if (shmfeed_memory_available(flags, &avail) != SHMFEED_OK)
+        avail = UINT64_MAX;
 
     shmfeed_ring *r = calloc(1, sizeof *r);
     if (!r)

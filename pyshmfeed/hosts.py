@@ -208,10 +208,27 @@ def _reap() -> None:
                 _kill(expired)
 
 
+def start(num_cpus: float, actor_options: dict[str, Any]) -> Host:
+    """A new host on this node (Ray starts its process; nothing waits for it here)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    options = {"num_cpus": num_cpus, "max_restarts": 0, "max_task_retries": 0,
+               "scheduling_strategy": NodeAffinitySchedulingStrategy(
+                   node_id=ray.get_runtime_context().get_node_id(), soft=False)}
+    options.update(actor_options)
+    return Host(ray.remote(ProducerHost).options(**options).remote())
+
+
+def discard(host: Host) -> None:
+    """Kill a host that never ran a producer (the feed failed before it could use it)."""
+    _kill([host])
+
+
 def key(node_id: str, num_cpus: float, actor_options: dict[str, Any]) -> tuple[str, float, str]:
     """Hosts are interchangeable when they were started with equal options on the same node."""
     return (node_id, float(num_cpus), repr(sorted(actor_options.items())))
 
 
-__all__ = ["IDLE_S", "RETURN_S", "Host", "ProducerHost", "borrow", "forget", "give_back", "idle_pids", "key",
-           "release_idle", "return_grace"]
+__all__ = ["IDLE_S", "RETURN_S", "Host", "ProducerHost", "borrow", "discard", "forget", "give_back", "idle_pids",
+           "key", "release_idle", "return_grace", "start"]

@@ -105,6 +105,14 @@ class RingHandle:
     created_ns: int = 0
 
 
+BACKINGS = ("memfd", "named")
+
+
+def check_backing(backing: str) -> None:
+    if backing not in BACKINGS:
+        raise errors.InvalidArgument(f"backing={backing!r}: use 'memfd' or 'named'")
+
+
 def new_owner_token() -> int:
     """A random non-zero 63-bit token identifying one producer's claims."""
     return secrets.randbits(62) | 1
@@ -193,21 +201,32 @@ class Ring:
         variable) poisons each slot on release and makes ``ConsumerSlot.array``
         views raise ``StaleView`` when read after their release (``views.py``).
         """
-        if not isinstance(slots, int) or not isinstance(slot_bytes, int):
-            raise errors.InvalidArgument(f"slots and slot_bytes must be ints, got {slots!r}, {slot_bytes!r}")
-        if slots <= 0 or slots > MAX_SLOTS:
-            raise errors.InvalidArgument(f"slots={slots} is out of range: use 1..{MAX_SLOTS}")
-        if slot_bytes <= 0 or slot_bytes > MAX_SLOT_BYTES:
-            raise errors.InvalidArgument(f"slot_bytes={slot_bytes} is out of range: use 1..{MAX_SLOT_BYTES}")
-        if backing not in ("memfd", "named"):
-            raise errors.InvalidArgument(f"backing={backing!r}: use 'memfd' or 'named'")
-        flags = (lib.SHMFEED_ORDERED if ordered else 0) | (lib.SHMFEED_NAMED if backing == "named" else 0)
+        flags = cls._flags(slots, slot_bytes, ordered, backing)
         out = ffi.new("shmfeed_ring **")
         err = ffi.new("char[]", ERR_BYTES)
         check(lib.shmfeed_ring_create(slots, slot_bytes, flags, out, err, ERR_BYTES), "creating ring", err)
         ring = cls(out[0], debug_views=debug_views)
         ring._record = registry.record(ring, "creator", backing)
         return ring
+
+    @staticmethod
+    def check_fits(slots: int, slot_bytes: int, *, ordered: bool = True, backing: str = "memfd") -> None:
+        """Raise what ``create`` would for these arguments before making anything (``NoSpace`` if
+        the machine has too little memory now), without making anything."""
+        flags = Ring._flags(slots, slot_bytes, ordered, backing)
+        err = ffi.new("char[]", ERR_BYTES)
+        check(lib.shmfeed_ring_check(slots, slot_bytes, flags, err, ERR_BYTES), "creating ring", err)
+
+    @staticmethod
+    def _flags(slots: int, slot_bytes: int, ordered: bool, backing: str) -> int:
+        if not isinstance(slots, int) or not isinstance(slot_bytes, int):
+            raise errors.InvalidArgument(f"slots and slot_bytes must be ints, got {slots!r}, {slot_bytes!r}")
+        if slots <= 0 or slots > MAX_SLOTS:
+            raise errors.InvalidArgument(f"slots={slots} is out of range: use 1..{MAX_SLOTS}")
+        if slot_bytes <= 0 or slot_bytes > MAX_SLOT_BYTES:
+            raise errors.InvalidArgument(f"slot_bytes={slot_bytes} is out of range: use 1..{MAX_SLOT_BYTES}")
+        check_backing(backing)
+        return (lib.SHMFEED_ORDERED if ordered else 0) | (lib.SHMFEED_NAMED if backing == "named" else 0)
 
     @classmethod
     def attach(cls, handle: "RingHandle | str", *, owner: int | None = None,

@@ -101,12 +101,13 @@ class Supervisor(threading.Thread):
     def __init__(self, *, ring: Ring, spec: BatchSpec, kind: str, fn: Callable[..., Any], workers: int,
                  seed: int, task_index: TaskIndex, ordered: bool, num_cpus: float, lease: float | None,
                  max_restarts: int, actor_options: dict, delivered: Callable[[], set[int]],
-                 active: int | None = None, tuner: Tuner | None = None, warm: bool = False) -> None:
+                 active: int | None = None, tuner: Tuner | None = None, warm: bool = False,
+                 first_host: hosts.Host | None = None) -> None:
         """``warm``: borrow producer hosts from this process's pool and give them back at the end
-        (NOTE [warm producers]); otherwise every host is started here and killed at the end."""
+        (NOTE [warm producers]); otherwise every host is started here and killed at the end.
+        ``first_host``: a new host the feed started before creating the ring (the first wave's)."""
         super().__init__(name="pyshmfeed-supervisor", daemon=True)
         import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         self._ray = ray
         self.ring = ring
@@ -133,11 +134,7 @@ class Supervisor(threading.Thread):
         self.beat = time.monotonic()  # the watch thread's last round (a stuck Ray call stops it)
         self._no_producer_since: float | None = None
         self._ray_checked = 0.0
-        options = {"num_cpus": num_cpus, "max_restarts": 0, "max_task_retries": 0,
-                   "scheduling_strategy": NodeAffinitySchedulingStrategy(
-                       node_id=ray.get_runtime_context().get_node_id(), soft=False)}
-        options.update(actor_options)
-        self._host_cls = ray.remote(hosts.ProducerHost).options(**options)
+        self._host_options = (num_cpus, actor_options)
         self._warm = warm
         self._pool_key = hosts.key(ray.get_runtime_context().get_node_id(), num_cpus, actor_options)
         self.positions = [Position(w) for w in range(workers)]
@@ -148,6 +145,8 @@ class Supervisor(threading.Thread):
             p.active = active is None or p.worker < active
         starting = [p for p in self.positions if p.active]
         pooled = {p.worker: h for p in starting if warm and (h := hosts.borrow(self._pool_key)) is not None}
+        if first_host is not None and starting:
+            pooled[starting[0].worker] = first_host
         # New producer processes start in two waves: one, then the rest once it is up, so that the
         # first batch does not wait for every process's imports (NOTE [supervision]: start).
         first = [p for p in starting if p.worker in pooled] or starting[:FIRST_WAVE]
@@ -163,7 +162,7 @@ class Supervisor(threading.Thread):
         handle, spec, kind, fn = self._args
         if host is None and self._warm:
             host = hosts.borrow(self._pool_key)
-        p.host = host or hosts.Host(self._host_cls.remote())
+        p.host = host or hosts.start(*self._host_options)
         p.actor = p.host.actor
         p.ready_ref = p.actor.start.remote(handle, spec, kind, fn, p.worker, self._workers, self._seed,
                                            os.getpid(), self._task_index)

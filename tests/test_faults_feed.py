@@ -17,6 +17,9 @@
   batches, producers SIGKILLed at random (``os.kill`` of their pids) many
   times: 0 lost, 0 repeated, 0 corrupt. Short in CI; ``PYSHMFEED_SOAK=1``
   runs it for ``PYSHMFEED_SOAK_SECONDS`` (default 900).
+- **Memory gone after the check.** A ring that no longer fits when the feed reserves it is
+  ``NoSpace`` from ``Feed()``, and the producer process the feed had asked for meanwhile is
+  gone with it.
 - **Training process killed.** A training script in a subprocess makes a
   Feed; SIGKILL, SIGTERM or SIGINT mid-epoch: the script exits (or, for
   SIGINT, closes the feed and exits), its producer processes follow, and its
@@ -239,6 +242,36 @@ def test_a_producer_killed_while_the_loop_is_between_epochs(ray_session):
         os.kill(feed._dispatcher.positions[0].pids[-1], signal.SIGKILL)
         check_epoch(feed, "fill", True, 1, take(feed.epoch(1)))
         wait_until(lambda: feed.stats()["restarts"] == 1, 30, "the death handled")
+
+
+# ---- too little memory for the ring ---------------------------------------------------------
+
+
+def test_memory_gone_between_the_check_and_the_ring_leaves_no_producer(ray_session, monkeypatch):
+    # Feed() checks that the ring fits before anything starts (test_feed.py), then asks Ray for
+    # its first producer's process before it reserves the ring, to overlap the two. Should the
+    # memory be gone by then (another process took it), the NoSpace must not leave that process.
+    from pyshmfeed import NoSpace, Ring
+
+    def no_memory_now(cls, *args, **kwargs):
+        raise NoSpace("reserving the ring failed: No space left on device (simulated)")
+
+    ray = ray_session
+    total = ray.cluster_resources().get("CPU")
+    monkeypatch.setattr(Ring, "create", classmethod(no_memory_now))
+    with pytest.raises(NoSpace, match="simulated") as info:
+        Feed(BatchSpec(x=((16,), "uint8")), fill=fill_nothing, length=4, workers=2)
+    # The error is kept (as a notebook keeps the last one): its traceback holds Feed()'s frame,
+    # so the process is gone only because the feed killed it, not because Ray collected its handle.
+    assert info.value.__traceback__ is not None
+    wait_until(lambda: ray.available_resources().get("CPU") == total, 30,
+               f"Ray CPUs back to {total}, now {ray.available_resources().get('CPU')}")
+    time.sleep(2.0)  # an actor still being scheduled would take its CPU by now
+    assert ray.available_resources().get("CPU") == total, "a producer process outlived the failed Feed()"
+
+
+def fill_nothing(index, out, ctx):
+    pass
 
 
 # ---- random kill soak ----------------------------------------------------------------------
