@@ -489,7 +489,9 @@ SHMFEED_MUST_USE int shmfeed_ring_create(uint32_t slot_count, uint64_t slot_byte
     *out = NULL;
     if ((rc = shmfeed_ring_check(slot_count, slot_bytes, flags, err, errlen)) != SHMFEED_OK)
         return rc;
-    (void)compute_geometry(slot_count, slot_bytes, &stride, &data_offset, &total); /* checked above */
+    if (compute_geometry(slot_count, slot_bytes, &stride, &data_offset, &total)) /* checked above */
+        return fail(err, errlen, SHMFEED_E_INVAL, "%u slots of %llu bytes overflow a 64-bit size",
+                    slot_count, (unsigned long long)slot_bytes);
     if (shmfeed_memory_available(flags, &avail) != SHMFEED_OK)
         avail = UINT64_MAX;
 

@@ -341,6 +341,8 @@ def test_random_kill_soak_loses_repeats_and_corrupts_nothing(ray_session, ordere
             epoch += 1
         figures["epochs"] = epoch
         kills = killer.stop()
+        # An epoch takes milliseconds: the last kill may be younger than its detection (~50 ms).
+        wait_until(lambda: feed.stats()["restarts"] >= len(kills), 30, "every kill detected and replaced")
         restarts = watch.stop()
         stats = feed.stats()
     detections = [r - k for (k, _), r in zip(kills, restarts)]
