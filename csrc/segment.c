@@ -451,12 +451,10 @@ uint64_t shmfeed_layout_magic(void) { return SHMFEED_MAGIC; }
 uint32_t shmfeed_layout_version(void) { return SHMFEED_LAYOUT_VERSION; }
 
 /* What shmfeed_ring_create checks before it makes anything: the shape, the flags, and that the
- * machine has the memory now. Callers run it first when creating the ring comes late (the feed
- * starts producers' processes while it reserves the ring) but a bad shape must fail first. */
-SHMFEED_MUST_USE int shmfeed_ring_check(uint32_t slot_count, uint64_t slot_bytes, uint32_t flags, char *err,
-                                        size_t errlen)
+ * machine has the memory now. Fills the geometry and the memory available for the caller. */
+static int check_shape(uint32_t slot_count, uint64_t slot_bytes, uint32_t flags, uint64_t *stride,
+                       uint64_t *data_offset, uint64_t *total, uint64_t *avail, char *err, size_t errlen)
 {
-    uint64_t stride, data_offset, total, avail;
     if (slot_count == 0 || slot_count > SHMFEED_MAX_SLOTS)
         return fail(err, errlen, SHMFEED_E_INVAL, "slot count %u is out of range: use 1..%u", slot_count,
                     SHMFEED_MAX_SLOTS);
@@ -465,18 +463,27 @@ SHMFEED_MUST_USE int shmfeed_ring_check(uint32_t slot_count, uint64_t slot_bytes
                     (unsigned long long)slot_bytes, (unsigned long long)SHMFEED_MAX_SLOT_BYTES);
     if (flags & ~(uint32_t)(SHMFEED_ORDERED | SHMFEED_NAMED))
         return fail(err, errlen, SHMFEED_E_INVAL, "unknown flags 0x%x", flags);
-    if (compute_geometry(slot_count, slot_bytes, &stride, &data_offset, &total))
+    if (compute_geometry(slot_count, slot_bytes, stride, data_offset, total))
         return fail(err, errlen, SHMFEED_E_INVAL, "%u slots of %llu bytes overflow a 64-bit size",
                     slot_count, (unsigned long long)slot_bytes);
-    if (shmfeed_memory_available(flags, &avail) != SHMFEED_OK)
-        avail = UINT64_MAX; /* cannot fail with a non-NULL out; were it to, fallocate still checks */
-    if (total > avail)
+    if (shmfeed_memory_available(flags, avail) != SHMFEED_OK)
+        *avail = UINT64_MAX; /* cannot fail with a non-NULL out; were it to, fallocate still checks */
+    if (*total > *avail)
         return fail(err, errlen, SHMFEED_E_NOMEM,
                     "the ring needs %llu bytes (%u slots x %llu bytes + %llu bytes of header) but only "
                     "%llu bytes are available; use fewer or smaller slots, or free memory",
-                    (unsigned long long)total, slot_count, (unsigned long long)stride,
-                    (unsigned long long)data_offset, (unsigned long long)avail);
+                    (unsigned long long)*total, slot_count, (unsigned long long)*stride,
+                    (unsigned long long)*data_offset, (unsigned long long)*avail);
     return SHMFEED_OK;
+}
+
+/* The checks alone: callers run them first when creating the ring comes late (the feed starts a
+ * producer's process while it reserves the ring) but a bad shape must fail before anything starts. */
+SHMFEED_MUST_USE int shmfeed_ring_check(uint32_t slot_count, uint64_t slot_bytes, uint32_t flags, char *err,
+                                        size_t errlen)
+{
+    uint64_t stride, data_offset, total, avail;
+    return check_shape(slot_count, slot_bytes, flags, &stride, &data_offset, &total, &avail, err, errlen);
 }
 
 SHMFEED_MUST_USE int shmfeed_ring_create(uint32_t slot_count, uint64_t slot_bytes, uint32_t flags,
@@ -487,13 +494,8 @@ SHMFEED_MUST_USE int shmfeed_ring_create(uint32_t slot_count, uint64_t slot_byte
     if (!out)
         return fail(err, errlen, SHMFEED_E_INVAL, "out pointer is NULL");
     *out = NULL;
-    if ((rc = shmfeed_ring_check(slot_count, slot_bytes, flags, err, errlen)) != SHMFEED_OK)
+    if ((rc = check_shape(slot_count, slot_bytes, flags, &stride, &data_offset, &total, &avail, err, errlen)))
         return rc;
-    if (compute_geometry(slot_count, slot_bytes, &stride, &data_offset, &total)) /* checked above */
-        return fail(err, errlen, SHMFEED_E_INVAL, "%u slots of %llu bytes overflow a 64-bit size",
-                    slot_count, (unsigned long long)slot_bytes);
-    if (shmfeed_memory_available(flags, &avail) != SHMFEED_OK)
-        avail = UINT64_MAX;
 
     shmfeed_ring *r = calloc(1, sizeof *r);
     if (!r)

@@ -150,7 +150,9 @@ class Feed:
             workers = min(bounds[1], max(bounds[0], os.cpu_count() or 1))  # where the controller starts
         elif not isinstance(workers, int) or isinstance(workers, bool) or workers <= 0:
             raise errors.InvalidArgument(f"workers must be a positive int, 'auto' or (min, max), got {workers!r}")
-        positions = bounds[1] if bounds is not None else workers
+        # A shards source keeps the number it starts with: its shards, fn(worker, num_workers), are
+        # how the data is split. Others get max_workers positions for autotune to move producers in.
+        positions = bounds[1] if bounds is not None and self.kind != "shards" else workers
         if not isinstance(prefetch, int) or prefetch < 0:
             raise errors.InvalidArgument(f"prefetch must be an int >= 0, got {prefetch!r}")
         budget = parse_bytes(memory_budget) if memory_budget is not None else None
@@ -199,12 +201,9 @@ class Feed:
         if bounds is not None and assignment == "round_robin":
             raise errors.InvalidArgument("assignment='round_robin' fixes which producer makes each batch: "
                                          "give a fixed number of workers, not 'auto'")
-        # Autotune moves producers in and out (of the segment's records, or of the dispatcher's
-        # positions for producers placed on the cluster). A shards source keeps the number it
-        # starts with: its shards, fn(worker, num_workers), are how the data is split.
+        # Autotune moves producers in and out of the segment's records, or of the dispatcher's
+        # positions for producers placed on the cluster.
         self._autotune = bounds if self.kind != "shards" else None
-        if bounds is not None and self.kind == "shards":
-            positions = workers
         if self._segment_handout and positions > MAX_PRODUCERS:
             raise errors.InvalidArgument(f"workers={positions}: a ring serves at most {MAX_PRODUCERS} producers "
                                          "on its node")

@@ -133,11 +133,13 @@ class Producer:
         work, rec, task_index = self.work, self.worker, self.task_index
         assert task_index is not None  # serve() is for producers made with a task index
         while True:
-            # The epoch's order is built before taking one of its tasks, not while holding it:
-            # an ordered feed's loop waits for the task a producer holds (NOTE in work.TaskIndex).
-            job = work.current()
-            if job.count:
-                task_index.prepare(job.epoch, job.start, job.flags)
+            # A new producer (started mid-epoch, a replacement, an added one) builds the epoch's
+            # order before taking a task, not while holding one: an ordered feed's loop waits for
+            # the task it holds (work.TaskIndex). After that nothing is read here per batch.
+            if not task_index.prepared:
+                job = work.current()
+                if job.count:
+                    task_index.prepare(job.epoch, job.start, job.flags)
             try:
                 task = work.take(rec, stop=self._consumer_gone)
             except errors.RingClosed:

@@ -105,14 +105,6 @@ class RingHandle:
     created_ns: int = 0
 
 
-BACKINGS = ("memfd", "named")
-
-
-def check_backing(backing: str) -> None:
-    if backing not in BACKINGS:
-        raise errors.InvalidArgument(f"backing={backing!r}: use 'memfd' or 'named'")
-
-
 def new_owner_token() -> int:
     """A random non-zero 63-bit token identifying one producer's claims."""
     return secrets.randbits(62) | 1
@@ -225,7 +217,8 @@ class Ring:
             raise errors.InvalidArgument(f"slots={slots} is out of range: use 1..{MAX_SLOTS}")
         if slot_bytes <= 0 or slot_bytes > MAX_SLOT_BYTES:
             raise errors.InvalidArgument(f"slot_bytes={slot_bytes} is out of range: use 1..{MAX_SLOT_BYTES}")
-        check_backing(backing)
+        if backing not in ("memfd", "named"):
+            raise errors.InvalidArgument(f"backing={backing!r}: use 'memfd' or 'named'")
         return (lib.SHMFEED_ORDERED if ordered else 0) | (lib.SHMFEED_NAMED if backing == "named" else 0)
 
     @classmethod

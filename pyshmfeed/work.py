@@ -199,8 +199,8 @@ class TaskIndex:
     An unshuffled single-rank epoch needs no arrays (task ``k`` makes ``start + k``), and an
     ordered one or one with nothing to skip no positions array: a producer of a 10-million-batch
     feed used to build two 80 MB arrays before its first batch, holding that batch's seq (an
-    ordered feed's loop waited seconds for it). ``prepare`` builds what a job needs before a
-    producer takes one of its tasks.
+    ordered feed's loop waited seconds for it). ``prepare`` lets a new producer build what the
+    current job needs before it takes one of its tasks.
     """
 
     def __init__(self, length: int, *, seed: int, shuffle: bool, ordered: bool, rank: int, world_size: int,
@@ -213,6 +213,11 @@ class TaskIndex:
         self._order: np.ndarray | None = None      # None: the identity (unshuffled, one rank)
         self._positions: np.ndarray | None = None  # None: task k is position start + k
         self._count = 0                            # the epoch's tasks
+
+    @property
+    def prepared(self) -> bool:
+        """An epoch's order is built (a new producer's has none yet)."""
+        return self._key is not None
 
     def prepare(self, epoch: int, start: int, flags: int) -> None:
         """Build the order of a job's epoch (done once per epoch; ``__call__`` does it if not yet)."""
