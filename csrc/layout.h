@@ -47,7 +47,7 @@
 #include "atomics.h"
 
 #define SHMFEED_MAGIC 0x314445454648534dULL /* "MSHFEED1" little-endian */
-#define SHMFEED_LAYOUT_VERSION 2u /* 2: the work area */
+#define SHMFEED_LAYOUT_VERSION 3u /* 2: the work area; 3: slots reserved by their first claim */
 #define SHMFEED_PAGE 4096u
 #define SHMFEED_CACHE_LINE 64u
 #define SHMFEED_HEADER_BYTES 4096u
@@ -143,7 +143,7 @@ typedef struct shm_slot_desc {
     atomic_u64 commit_ns;
     atomic_u64 commit_order; /* unordered: commit ticket, smallest acquired first */
     atomic_u32 waiters;      /* processes sleeping on this word */
-    uint32_t reserved;
+    atomic_u32 backed;       /* 1 once the slot's pages are reserved: NOTE [slot memory] in segment.c */
 } shm_slot_desc;
 
 /* ---- the work area: NOTE [work hand-out] in work.c ---------------------- */

@@ -258,6 +258,14 @@ SHMFEED_MUST_USE static int claim(shmfeed_ring *r, uint64_t seq, uint64_t owner,
     int rc = ordered(r) ? claim_ordered(r, seq, owner, &c, out) : claim_unordered(r, seq, owner, &c, out);
     if (rc != SHMFEED_OK && shmfeed_backing_check(r, 0))
         return SHMFEED_E_CORRUPT; /* what it read was the SIGBUS guard's zeros, not the ring */
+    if (rc == SHMFEED_OK && (rc = shmfeed_slot_reserve(r, out->slot)) != SHMFEED_OK) {
+        /* No memory for the slot's pages: give the claim back (the slot stays free for its
+         * sequence), so the error is this call's and no write can fault. */
+        if (shmfeed_abort(r, out) != SHMFEED_OK) {
+            /* reclaimed or closed meanwhile: the slot is not ours either way */
+        }
+        memset(out, 0, sizeof *out);
+    }
     shm_producer_counters *pc = &ring_counters(r)->producer;
     clock_account(&c, &pc->waits, &pc->wait_ns);
     return rc;

@@ -76,6 +76,9 @@ SHMFEED_MUST_USE static inline int shmfeed_backing_check(const struct shmfeed_ri
     return r->unsealed ? shmfeed_backing_check_unsealed(r, stat_now) : SHMFEED_OK; /* memfd: inline, free */
 }
 
+/* Reserve slot `slot`'s pages unless a claim did already (NOTE [slot memory] in segment.c):
+ * SHMFEED_E_NOMEM when the machine has no memory left for them. */
+SHMFEED_MUST_USE int shmfeed_slot_reserve(struct shmfeed_ring *r, uint32_t slot);
 uint64_t shmfeed_clock_ns(void);
 /* Sleep while *word (32 bits) still equals expected, at most until deadline_ns
  * (0 = one slice) and never longer than one slice. Returns nothing: callers

@@ -8,8 +8,11 @@
  * lets same-user (ptrace-capable) processes open. The named fallback is a
  * POSIX segment with a random name, O_EXCL and mode 0600.
  *
- * Every page is reserved at creation (fallocate), so a machine without the
- * memory fails here, with the numbers, never with SIGBUS mid-epoch.
+ * Memory: creation checks that the machine has the whole ring's and reserves
+ * the control pages; each slot's pages are reserved by its first claim
+ * (NOTE [slot memory]). A machine without the memory fails at creation with
+ * the numbers, or, if the memory went after the check, with a clear error from
+ * the claim; never with SIGBUS mid-epoch.
  *
  * Attach trusts nothing it reads: it checks every field against the size of
  * the mapping it actually got and keeps its own copy of the geometry.
@@ -342,6 +345,41 @@ static void guard_forget(shmfeed_ring *r)
     r->guard = -1;
 }
 
+/* NOTE [slot memory]
+ *
+ * A slot's pages are reserved (fallocate) by the first claim of that slot, in
+ * the process that will write it, not by the ring's creator:
+ *
+ *  - Reserving is not free: ~11 ms per 48 MB here, done once per page. At
+ *    creation it all came before the first batch, in the training process,
+ *    on one core (44 ms for the large preset's four 48 MB slots, where the
+ *    whole 60-batch run takes 0.25 s). At first claim it is spread over the
+ *    producers and overlaps with the consumer reading the slots already made,
+ *    as a plain shared-memory ring's first-touch page faults do.
+ *  - It still comes before anything writes the slot: a machine that ran out of
+ *    memory after creation's check gives the claim SHMFEED_E_NOMEM (the claim is
+ *    taken back, the slot stays free), never a SIGBUS in the middle of a write.
+ *  - The descriptor's `backed` flag says it was done, for every process: a
+ *    second fallocate over reserved pages is not free either (7 ms per 48 MB).
+ *    The flag is set after fallocate returns; a claimer killed in between
+ *    leaves it 0 and the next claim reserves again, which is harmless.
+ *  - FALLOC_FL_KEEP_SIZE: a named segment truncated by another process is
+ *    never grown back here; the backing check reports the truncation.
+ */
+SHMFEED_MUST_USE int shmfeed_slot_reserve(shmfeed_ring *r, uint32_t slot)
+{
+    shm_slot_desc *d = ring_desc(r, slot);
+    if (load_acquire32(&d->backed))
+        return SHMFEED_OK;
+    if (r->fd < 0)
+        return SHMFEED_E_CLOSED; /* retired: the segment is given up */
+    off_t offset = (off_t)(r->data_offset + (uint64_t)slot * r->slot_stride);
+    if (fallocate(r->fd, FALLOC_FL_KEEP_SIZE, offset, (off_t)r->slot_stride) != 0)
+        return (errno == ENOSPC || errno == ENOMEM) ? SHMFEED_E_NOMEM : SHMFEED_E_SYS;
+    store_release32(&d->backed, 1);
+    return SHMFEED_OK;
+}
+
 SHMFEED_MUST_USE int shmfeed_backing_check_unsealed(const shmfeed_ring *r, int stat_now)
 {
     struct stat st;
@@ -430,7 +468,7 @@ static const shmfeed_field layout_fields[] = {
     PRODUCER(claims), PRODUCER(commits), PRODUCER(commit_order), CONSUMER(acquires), CONSUMER(releases), CONSUMER(head),
     {"desc", SHMFEED_DESC_OFFSET, sizeof(shm_slot_desc)},
     DESC(word), DESC(owner), DESC(batch_seq), DESC(payload_len), DESC(claim_ns), DESC(commit_ns),
-    DESC(commit_order), DESC(waiters),
+    DESC(commit_order), DESC(waiters), DESC(backed),
 };
 #undef FIELD
 #undef HEADER
@@ -514,13 +552,13 @@ SHMFEED_MUST_USE int shmfeed_ring_create(uint32_t slot_count, uint64_t slot_byte
         ring_free(r);
         return rc;
     }
-    /* Reserve every page now: fallocate on tmpfs/memfd allocates them, so a
-     * short machine fails here instead of SIGBUS on first touch later. */
-    if ((rc = fallocate(r->fd, 0, 0, (off_t)total)) != 0) {
+    /* Reserve the control pages now (header, work area, descriptors); the slots' pages are
+     * reserved by their first claims, in the producers (NOTE [slot memory]). */
+    if ((rc = fallocate(r->fd, 0, 0, (off_t)data_offset)) != 0) {
         int e = errno;
         rc = fail(err, errlen, (e == ENOSPC || e == ENOMEM) ? SHMFEED_E_NOMEM : SHMFEED_E_SYS,
-                  "reserving %llu bytes for the ring failed: %s (%llu bytes were reported available)",
-                  (unsigned long long)total, strerror(e), (unsigned long long)avail);
+                  "reserving %llu bytes for the ring's header failed: %s (%llu bytes were reported available)",
+                  (unsigned long long)data_offset, strerror(e), (unsigned long long)avail);
         ring_free(r);
         return rc;
     }
@@ -534,11 +572,8 @@ SHMFEED_MUST_USE int shmfeed_ring_create(uint32_t slot_count, uint64_t slot_byte
         return rc;
     }
     r->map_bytes = total;
-    /* No MAP_POPULATE: fallocate above already allocated every page; populating only filled this
-     * process's page tables, 0.08-0.11 s for 192 MB before the first batch. Lazily, each slot's
-     * first read faults them in: on the large transport preset a warm feed's first batch came
-     * 0.07 s after Feed() started instead of 0.14 s; the run's wall time did not change beyond
-     * the noise (1.23-1.84x the bare ring's in five runs, 1.11-1.59x in seven with it). */
+    /* No MAP_POPULATE: populating only filled this process's page tables, 0.08-0.11 s for
+     * 192 MB before the first batch; each slot's first read faults its pages in instead. */
     r->base = mmap(NULL, total, PROT_READ | PROT_WRITE, MAP_SHARED, r->fd, 0);
     if (r->base == MAP_FAILED) {
         rc = fail(err, errlen, SHMFEED_E_NOMEM, "mapping %llu bytes failed: %s", (unsigned long long)total,

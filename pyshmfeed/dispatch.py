@@ -374,9 +374,7 @@ class Dispatcher(threading.Thread):
         self._busy_s += result.get("busy_s", 0.0)
         if "error" in result:
             e = result["error"]
-            error = errors.ProducerError(
-                f"the {self.kind} source raised {e['type']}: {e['message']} (batch index {e['index']}, "
-                f"producer {e['worker']})", index=e["index"], worker=e["worker"], traceback_text=e["traceback"])
+            error = errors.ProducerError.from_record(self.kind, e)
             if self.ordered and "seq" in e:
                 # Batches before it may still be in the making: keep the ring open and producing
                 # until the loop reaches this batch (raise_if_failed), so they are delivered first.

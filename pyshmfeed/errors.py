@@ -17,7 +17,9 @@ class InvalidArgument(ShmfeedError, ValueError):
 
 
 class NoSpace(ShmfeedError, MemoryError):
-    """The machine cannot back a ring of the requested size (the message has the numbers)."""
+    """The machine cannot back a ring of the requested size, or a slot at its first claim (the message says)."""
+
+    origin = "ring"  # a producer's error record says the claim failed, not its source (ProducerError.from_record)
 
 
 class SegmentError(ShmfeedError, OSError):
@@ -94,6 +96,14 @@ class ProducerError(ShmfeedError):
         self.index = index
         self.worker = worker
         self.traceback_text = traceback_text
+
+    @classmethod
+    def from_record(cls, kind: str, record: dict) -> "ProducerError":
+        """The error for a producer's error record (``producer.error_record``): what failed, where."""
+        what = (f"claiming a slot for it failed with {record['type']}" if record.get("origin") == "ring"
+                else f"the {kind} source raised {record['type']}")
+        return cls(f"{what}: {record['message']} (batch index {record['index']}, producer {record['worker']})",
+                   index=record["index"], worker=record["worker"], traceback_text=record["traceback"])
 
     def __str__(self) -> str:
         base = super().__str__()

@@ -399,6 +399,12 @@ class Ring:
                 f"{what}: the ring's shared state is impossible: a slot descriptor, a payload length or the "
                 "consumer's position holds a value no pyshmfeed call writes (something else wrote into the "
                 "segment); the ring cannot be trusted any more")
+        if rc == lib.SHMFEED_E_NOMEM:  # only a claim, reserving its slot (NOTE [slot memory] in segment.c)
+            raise errors.NoSpace(
+                f"{what}: the machine has no memory left for the slot's {self.slot_bytes} bytes. The ring "
+                "fitted when it was made; its slots get their pages when first claimed, and something took "
+                "the memory since. Free memory, or use fewer or smaller slots (the claim was taken back: "
+                "nothing was written or lost)")
         check(rc, what)
 
     # ---- producer side ------------------------------------------------------

@@ -484,10 +484,7 @@ class Supervisor(threading.Thread):
             return
         e = result["error"]
         p.finished = True
-        exc = errors.ProducerError(
-            f"the {self._kind} source raised {e['type']}: {e['message']} (batch index {e['index']}, "
-            f"producer {e['worker']})", index=e["index"], worker=e["worker"], traceback_text=e["traceback"])
-        self._source_failed(exc, e["seq"])
+        self._source_failed(errors.ProducerError.from_record(self._kind, e), e["seq"])
 
     def _source_failed(self, exc: errors.ProducerError, seq: int) -> None:
         """Batch ``seq`` cannot be made: the loop raises ``exc`` (ordered: once it has every batch before)."""

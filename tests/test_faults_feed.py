@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -272,6 +273,61 @@ def test_memory_gone_between_the_check_and_the_ring_leaves_no_producer(ray_sessi
 
 def fill_nothing(index, out, ctx):
     pass
+
+
+def deny_fallocate_in_this_thread() -> None:
+    """From now on every fallocate of this thread fails with ENOSPC (a seccomp filter): the machine
+    out of memory, for this producer only."""
+    import ctypes
+    import errno
+    import platform
+    import struct
+
+    nr = {"x86_64": 285, "aarch64": 47}.get(platform.machine())
+    if nr is None:
+        pytest.skip(f"no fallocate syscall number known for {platform.machine()}")
+    # load the syscall number; if fallocate return ERRNO(ENOSPC), else ALLOW
+    program = [(0x20, 0, 0, 0), (0x15, 0, 1, nr), (0x06, 0, 0, 0x00050000 | errno.ENOSPC), (0x06, 0, 0, 0x7FFF0000)]
+    code = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *op) for op in program))
+
+    class Fprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+    fprog = Fprog(len(program), ctypes.addressof(code))
+    libc = ctypes.CDLL(None, use_errno=True)
+    if (libc.prctl(38, ctypes.c_ulong(1), ctypes.c_ulong(0), ctypes.c_ulong(0), ctypes.c_ulong(0)) != 0  # NO_NEW_PRIVS
+            or libc.prctl(22, ctypes.c_ulong(2), ctypes.byref(fprog), ctypes.c_ulong(0), ctypes.c_ulong(0)) != 0):
+        raise OSError(ctypes.get_errno(), "installing the seccomp filter failed")
+
+
+def make_with_no_memory_left(index, ctx):
+    """A make source whose producer runs out of memory before it claims its first slot."""
+    deny_fallocate_in_this_thread()  # a make source runs before the claim, in the producer's thread
+    return {"x": np.full(16, index, np.uint8)}
+
+
+def test_memory_gone_before_a_slots_first_claim_is_a_clear_error(ray_session):
+    # The ring fitted when it was made; a slot gets its pages at its first claim (NOTE [slot memory]
+    # in segment.c). With the memory gone by then, the loop gets an error saying so, not a SIGBUS.
+    from pyshmfeed import ProducerError
+
+    fds_before = ring_fds()
+    feed = Feed(BatchSpec(x=((16,), "uint8")), make=make_with_no_memory_left, length=4, workers=1)
+    pids = []
+    try:
+        with pytest.raises(ProducerError) as info:
+            for _ in feed.epoch(0):
+                pass
+        pids = producer_pids(feed)
+    finally:
+        feed.close()
+    message = str(info.value)
+    assert "claiming a slot for it failed with NoSpace" in message, message
+    assert re.search(r"no memory left for the slot's \d+ bytes", message), message
+    assert "nothing was written or lost" in message
+    assert info.value.index == 0
+    wait_until(lambda: not any(registry.is_alive(pid) for pid in pids), 30, f"producer processes {pids} gone")
+    assert ring_fds() == fds_before
 
 
 # ---- random kill soak ----------------------------------------------------------------------

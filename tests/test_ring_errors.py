@@ -204,7 +204,10 @@ def test_attach_rejects_a_bad_magic(tmp_path, valid_segment):
     assert "magic" in str(err)
 
 
-@pytest.mark.parametrize("version", [0, 1, 3, 0xFFFFFFFF])
+LAYOUT_VERSION = int(lib.shmfeed_layout_version())
+
+
+@pytest.mark.parametrize("version", [0, LAYOUT_VERSION - 1, LAYOUT_VERSION + 1, 0xFFFFFFFF])
 def test_attach_rejects_another_layout_version(tmp_path, valid_segment, version):
     err = raises_exactly(LayoutVersionMismatch, attach_bytes, tmp_path,
                          set_field(valid_segment, "version", version))

@@ -20,7 +20,7 @@ from typing import Any
 
 from .pipelines import Pipeline, RunContext
 from .progress import Progress
-from .workload import Workload, machine, measure, summarize, wake_floor
+from .workload import Workload, machine, measure, summarize, wait_quiet, wake_floor
 
 # The article's figures (Intel laptop, (4, 1_000_000, 3) float32 batches, 0.5 s I/O, 0.1 s step):
 # mean wait per batch. Quoted, never measured here.
@@ -163,6 +163,7 @@ def run_bench(w: Workload, pipelines: list[Pipeline], progress: Progress | None 
                 if p.uses_ray:
                     run.ray_cpus = ray_host.ensure()
                     ray_host.settle()
+                run.extra["quiet_wait_s"] = wait_quiet()  # a machine at rest for every row
                 _run_one(p, w, run, progress, row)
                 f = row.figures
                 progress.end(f"first batch {f['time_to_first_batch_s']:.2f} s, "

@@ -271,6 +271,26 @@ def machine() -> dict[str, Any]:
             "python": platform.python_version(), "load_average_1m": load}
 
 
+def wait_quiet(busy_cores: float = 0.25, window: float = 0.2, timeout: float = 10.0) -> float:
+    """Wait until the machine uses fewer than ``busy_cores`` cores over a ``window``; returns seconds waited.
+
+    Each row starts on a machine at rest, as the bare ring (run first) does:
+    what a row leaves running (Ray replacing the worker processes an actor
+    took, a killed process's exit, tf.data's threads winding down) would
+    otherwise be charged to the next row's start-up. Gives up after
+    ``timeout``: a machine busy with other work is reported by its load average.
+    """
+    from ..autotune import IdleCores
+
+    t0 = time.monotonic()
+    idle = IdleCores()
+    while time.monotonic() - t0 < timeout:
+        time.sleep(window)
+        if (os.cpu_count() or 1) - idle.sample() < busy_cores:  # (off Linux: all idle, no wait)
+            break
+    return time.monotonic() - t0
+
+
 def _probe(buf: np.ndarray) -> float:
     """A fixed few microseconds of Python and numpy: about what taking a batch costs when all is hot."""
     total = float(buf[:4].sum())

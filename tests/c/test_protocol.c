@@ -14,6 +14,14 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <errno.h>
+#include <linux/filter.h>
+#include <linux/seccomp.h>
+#include <stddef.h>
+#include <sys/prctl.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "check.h"
@@ -1017,6 +1025,94 @@ static int test_consumer_holding_a_lap_behind_is_not_corrupt(void)
     return 0;
 }
 
+/* ---- slot memory: reserved by the first claim (NOTE [slot memory]) ------- */
+
+/* Bytes the ring's backing holds now (st_blocks): what has been reserved. */
+static long long backing_bytes(shmfeed_ring *ring)
+{
+    char path[256];
+    struct stat st;
+    if (shmfeed_ring_path(ring, path, sizeof path) != SHMFEED_OK || stat(path, &st) != 0)
+        return -1;
+    return (long long)st.st_blocks * 512;
+}
+
+static int test_a_slot_gets_its_pages_at_its_first_claim(void)
+{
+    const uint64_t bytes = 1 << 20;
+    shmfeed_ring *ring = make_ring(3, bytes, SHMFEED_ORDERED);
+    shmfeed_geometry g;
+    CHECK(ring);
+    CHECK_RC(shmfeed_ring_geometry(ring, &g), SHMFEED_OK);
+    long long at_create = backing_bytes(ring);
+    CHECK(at_create >= (long long)SHMFEED_DESC_OFFSET);
+    CHECK(at_create < (long long)(g.data_offset + bytes)); /* no slot's pages yet */
+    CHECK_EQ(load_acquire32(&slot_desc(ring, 0)->backed), 0);
+    CHECK(produce(ring, 0, OWNER_A, bytes, 7) == 0);
+    CHECK_EQ(load_acquire32(&slot_desc(ring, 0)->backed), 1);
+    CHECK_EQ(load_acquire32(&slot_desc(ring, 1)->backed), 0);
+    CHECK(backing_bytes(ring) >= at_create + (long long)bytes);
+    CHECK(consume(ring, 0, bytes, 7) == 0);
+    CHECK(produce(ring, 1, OWNER_B, 1, 8) == 0); /* another owner, the next slot */
+    CHECK_EQ(load_acquire32(&slot_desc(ring, 1)->backed), 1);
+    CHECK_RC(shmfeed_ring_detach(ring), SHMFEED_OK);
+    return 0;
+}
+
+/* In this process from now on, every fallocate fails with ENOSPC: the machine out of memory. */
+static int fallocate_fails_from_now_on(void)
+{
+    struct sock_filter filter[] = {
+        BPF_STMT(BPF_LD | BPF_W | BPF_ABS, offsetof(struct seccomp_data, nr)),
+        BPF_JUMP(BPF_JMP | BPF_JEQ | BPF_K, __NR_fallocate, 0, 1),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ERRNO | (ENOSPC & SECCOMP_RET_DATA)),
+        BPF_STMT(BPF_RET | BPF_K, SECCOMP_RET_ALLOW),
+    };
+    struct sock_fprog prog = {(unsigned short)(sizeof filter / sizeof filter[0]), filter};
+    if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 || prctl(PR_SET_SECCOMP, SECCOMP_MODE_FILTER, &prog) != 0)
+        return -1;
+    return 0;
+}
+
+/* Memory gone between the ring's creation and a slot's first claim: the claim says so, takes
+ * itself back, and the slot stays free for its batch; a claim with memory then succeeds. */
+static int test_a_claim_with_no_memory_for_its_slot_is_taken_back(void)
+{
+    shmfeed_ring *ring = make_ring(2, 1 << 16, SHMFEED_ORDERED);
+    shmfeed_slot_info info;
+    shmfeed_counters k;
+    int status;
+    CHECK(ring);
+    pid_t child = fork();
+    CHECK(child >= 0);
+    if (child == 0) {
+        shmfeed_claimed c;
+        if (fallocate_fails_from_now_on() != 0)
+            _exit(T_EXIT_SKIP);
+        int rc = shmfeed_claim(ring, 0, OWNER_A, 0, &c);
+        _exit(rc == SHMFEED_E_NOMEM ? 0 : 10 + (rc < 0 ? -rc : rc));
+    }
+    CHECK(waitpid(child, &status, 0) == child);
+    CHECK(WIFEXITED(status));
+    if (WEXITSTATUS(status) == T_EXIT_SKIP) {
+        fprintf(stderr, "  (seccomp unavailable: %s checked the claim path only)\n", __func__);
+    } else {
+        CHECK_EQ(WEXITSTATUS(status), 0); /* the claim returned SHMFEED_E_NOMEM */
+        CHECK_RC(shmfeed_slot_info_read(ring, 0, &info), SHMFEED_OK);
+        CHECK_EQ(info.state, SHMFEED_SLOT_FREE);
+        CHECK_EQ(info.seq, 0);
+        CHECK_EQ(info.owner, 0);
+        CHECK_EQ(load_acquire32(&slot_desc(ring, 0)->backed), 0);
+        CHECK_RC(shmfeed_counters_read(ring, &k), SHMFEED_OK);
+        CHECK_EQ(k.aborts, 1);
+    }
+    CHECK(produce(ring, 0, OWNER_B, 1 << 16, 3) == 0);
+    CHECK_EQ(load_acquire32(&slot_desc(ring, 0)->backed), 1);
+    CHECK(consume(ring, 0, 1 << 16, 3) == 0);
+    CHECK_RC(shmfeed_ring_detach(ring), SHMFEED_OK);
+    return 0;
+}
+
 int main(void)
 {
     int failures = 0;
@@ -1053,6 +1149,8 @@ int main(void)
     RUN(failures, test_seq_committed);
     RUN(failures, test_impossible_descriptors_are_corrupt_and_move_nothing);
     RUN(failures, test_consumer_holding_a_lap_behind_is_not_corrupt);
+    RUN(failures, test_a_slot_gets_its_pages_at_its_first_claim);
+    RUN(failures, test_a_claim_with_no_memory_for_its_slot_is_taken_back);
     if (failures)
         fprintf(stderr, "test_protocol: %d failed\n", failures);
     return failures ? T_EXIT_FAIL : T_EXIT_PASS;

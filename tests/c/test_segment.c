@@ -471,7 +471,7 @@ static int test_attach_wrong_magic(void)
 
 static int test_attach_wrong_version(void)
 {
-    if (ATTACH_PATCHED(version, SHMFEED_LAYOUT_VERSION + 1, SHMFEED_E_VERSION, "layout version 3"))
+    if (ATTACH_PATCHED(version, SHMFEED_LAYOUT_VERSION + 1, SHMFEED_E_VERSION, "layout version 4"))
         return 1;
     return ATTACH_PATCHED(version, 0, SHMFEED_E_VERSION, "layout version 0");
 }

@@ -18,7 +18,7 @@ from typing import Any
 import pyshmfeed as sf
 from pyshmfeed.source import SlotArrays, SourceContext
 
-from ..workload import Workload, fill_batch, make_batch, measure
+from ..workload import Workload, fill_batch, make_batch, measure, wait_quiet
 from . import RunContext
 
 
@@ -81,6 +81,9 @@ def _open(w: Workload, length: int, run: RunContext, source: dict):
         epoch1.close()
     # A new feed right after: it runs in this one's producer processes, from the pool. On the
     # transport presets (short runs) it runs the whole workload again, so its wall time compares.
+    # On a machine at rest, as every row starts: Ray replaces the prestarted worker processes
+    # this row's producers took (~0.35 s of CPU each, wait_quiet's docstring).
+    run.extra["warm_feed_quiet_wait_s"] = wait_quiet()
     t0 = time.perf_counter()
     with _feed(w, length, source, num_cpus) as again:
         if w.preset:
