@@ -182,7 +182,10 @@ class Ring:
     @classmethod
     def create(cls, slots: int, slot_bytes: int, *, ordered: bool = True, backing: str = "memfd",
                debug_views: bool | None = None) -> "Ring":
-        """Create a ring; every page is reserved now (``NoSpace`` if the machine is short).
+        """Create a ring (``NoSpace`` if the machine is short of memory for all of it).
+
+        Each slot's pages are reserved by its first claim (NOTE [slot memory] in
+        csrc/segment.c): that claim raises ``NoSpace`` if the memory went since.
 
         ``backing`` is ``"memfd"`` (default: anonymous, nothing left behind by a
         crash, not limited by the /dev/shm mount, sealed against resizing) or
@@ -417,7 +420,9 @@ class Ring:
         On an unordered ring without ``seq``, the batch gets the next sequence of a
         counter kept in the segment: distinct across every process attached.
         Raises ``StaleClaim`` if batch ``seq`` was already committed, ``RingClosed``
-        if either side closed the ring, ``Timeout`` after ``timeout`` seconds.
+        if either side closed the ring, ``Timeout`` after ``timeout`` seconds,
+        ``NoSpace`` if this slot's first claim finds no memory for its pages (the
+        claim is taken back).
         Use as ``with ring.claim(s) as slot: ...``: a clean exit commits the whole
         slot (or what ``slot.commit(n)`` said), an exception aborts it.
         """
