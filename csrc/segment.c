@@ -365,6 +365,9 @@ static void guard_forget(shmfeed_ring *r)
  *    leaves it 0 and the next claim reserves again, which is harmless.
  *  - FALLOC_FL_KEEP_SIZE: a named segment truncated by another process is
  *    never grown back here; the backing check reports the truncation.
+ *  - With CUDA staging, cudaHostRegister pins (and so allocates) every slot's
+ *    pages when staging starts; claims then find them there. If the memory is
+ *    short, the registration fails and the feed stages through a copy.
  */
 SHMFEED_MUST_USE int shmfeed_slot_reserve(shmfeed_ring *r, uint32_t slot)
 {
