@@ -492,7 +492,7 @@ uint64_t shmfeed_layout_magic(void) { return SHMFEED_MAGIC; }
 uint32_t shmfeed_layout_version(void) { return SHMFEED_LAYOUT_VERSION; }
 
 /* What shmfeed_ring_create checks before it makes anything: the shape, the flags, and that the
- * machine has the memory now. Fills the geometry and the memory available for the caller. */
+ * machine has the memory for the whole ring now. Fills the geometry and the memory available. */
 static int check_shape(uint32_t slot_count, uint64_t slot_bytes, uint32_t flags, uint64_t *stride,
                        uint64_t *data_offset, uint64_t *total, uint64_t *avail, char *err, size_t errlen)
 {
@@ -516,15 +516,6 @@ static int check_shape(uint32_t slot_count, uint64_t slot_bytes, uint32_t flags,
                     (unsigned long long)*total, slot_count, (unsigned long long)*stride,
                     (unsigned long long)*data_offset, (unsigned long long)*avail);
     return SHMFEED_OK;
-}
-
-/* The checks alone: callers run them first when creating the ring comes late (the feed starts a
- * producer's process while it reserves the ring) but a bad shape must fail before anything starts. */
-SHMFEED_MUST_USE int shmfeed_ring_check(uint32_t slot_count, uint64_t slot_bytes, uint32_t flags, char *err,
-                                        size_t errlen)
-{
-    uint64_t stride, data_offset, total, avail;
-    return check_shape(slot_count, slot_bytes, flags, &stride, &data_offset, &total, &avail, err, errlen);
 }
 
 SHMFEED_MUST_USE int shmfeed_ring_create(uint32_t slot_count, uint64_t slot_bytes, uint32_t flags,

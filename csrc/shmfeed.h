@@ -114,8 +114,6 @@ typedef struct shmfeed_slot_info {
 
 int shmfeed_ring_create(uint32_t slot_count, uint64_t slot_bytes, uint32_t flags,
                         shmfeed_ring **out, char *err, size_t errlen);
-/* The checks shmfeed_ring_create makes before anything (shape, flags, memory available now). */
-int shmfeed_ring_check(uint32_t slot_count, uint64_t slot_bytes, uint32_t flags, char *err, size_t errlen);
 int shmfeed_ring_attach(const char *path, shmfeed_ring **out, char *err, size_t errlen);
 int shmfeed_ring_detach(shmfeed_ring *ring);
 /* The path another process on this machine opens to attach. */

@@ -19,7 +19,9 @@ class InvalidArgument(ShmfeedError, ValueError):
 class NoSpace(ShmfeedError, MemoryError):
     """The machine cannot back a ring of the requested size, or a slot at its first claim (the message says)."""
 
-    origin = "ring"  # a producer's error record says the claim failed, not its source (ProducerError.from_record)
+    def __init__(self, message: str, *, claim: bool = False) -> None:
+        super().__init__(message)
+        self.claim = claim  # raised by Ring.claim: a producer's error record says so (ProducerError.from_record)
 
 
 class SegmentError(ShmfeedError, OSError):
@@ -100,7 +102,7 @@ class ProducerError(ShmfeedError):
     @classmethod
     def from_record(cls, kind: str, record: dict) -> "ProducerError":
         """The error for a producer's error record (``producer.error_record``): what failed, where."""
-        what = (f"claiming a slot for it failed with {record['type']}" if record.get("origin") == "ring"
+        what = (f"claiming a slot for it failed with {record['type']}" if record.get("origin") == "claim"
                 else f"the {kind} source raised {record['type']}")
         return cls(f"{what}: {record['message']} (batch index {record['index']}, producer {record['worker']})",
                    index=record["index"], worker=record["worker"], traceback_text=record["traceback"])

@@ -47,7 +47,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import errors, hosts, raylife
+from . import errors, raylife
 from .ring import CLOSE_NORMAL, ConsumerSlot, Ring
 from .source import FillSource, MakeSource, ShardsSource
 from .spec import Batch, BatchSpec, SlotLayout
@@ -231,18 +231,14 @@ class Feed:
         self._epoch_finished = True
         self._next_seq = 0
         self._drain_needed = False
-        # ---- start: Ray, the first producer's process, the ring while it boots, the producers --
-        # (The first process is asked for before the ring is made: reserving a ring's memory
-        # takes ~0.05 s per 200 MB, all of it before the first batch otherwise.)
-        first_host = None
-        Ring.check_fits(slots, spec.slot_bytes, ordered=ordered, backing=backing)  # before Ray: bad shape, no memory
+        # ---- start: the ring first (a bad shape or too little memory fails before anything
+        # starts; creating it takes ~0.5 ms, its slots get their pages at their first claims),
+        # then Ray, then the producers ----
+        self._ring = ring = Ring.create(slots, spec.slot_bytes, ordered=ordered, backing=backing)
         try:
-            self._ray_lease = raylife.acquire(address, positions, num_cpus, closer=self.close)
-            if self._segment_handout and not warm_producers:
-                first_host = hosts.start(num_cpus, _actor_options or {})
-            self._ring = ring = Ring.create(slots, spec.slot_bytes, ordered=ordered, backing=backing)
             self._layouts = [SlotLayout(spec, ring.slot_buffer(i), ring.slot_bytes)
                              for i in range(slots)]
+            self._ray_lease = raylife.acquire(address, positions, num_cpus, closer=self.close)
             restarts = positions * 3 if max_restarts is None else max_restarts
             if self._segment_handout:
                 from .supervisor import Supervisor
@@ -256,7 +252,7 @@ class Feed:
                     task_index=task_index, ordered=ordered, num_cpus=num_cpus, lease=lease,
                     max_restarts=restarts, actor_options=_actor_options or {},
                     delivered=_weak_call(self._delivered_now, set), active=workers, tuner=self._tuner(),
-                    warm=warm_producers, first_host=first_host)
+                    warm=warm_producers)
             else:
                 from .dispatch import Dispatcher
 
@@ -267,8 +263,6 @@ class Feed:
                     delivered=_weak_call(self._delivered_now, set), active=workers, tuner=self._tuner())
             self._dispatcher.start()
         except BaseException:
-            if first_host is not None and self._dispatcher is None:
-                hosts.discard(first_host)  # asked for, never used: the feed failed before its producers
             self.close()
             raise
         self._stats.startup_s = time.perf_counter() - self._created

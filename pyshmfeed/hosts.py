@@ -230,15 +230,10 @@ def start(num_cpus: float, actor_options: dict[str, Any]) -> Host:
     return Host(cls.remote())
 
 
-def discard(host: Host) -> None:
-    """Kill a host that never ran a producer (the feed failed before it could use it)."""
-    _kill([host])
-
-
 def key(node_id: str, num_cpus: float, actor_options: dict[str, Any]) -> tuple[str, float, str]:
     """Hosts are interchangeable when they were started with equal options on the same node."""
     return (node_id, float(num_cpus), repr(sorted(actor_options.items())))
 
 
-__all__ = ["IDLE_S", "RETURN_S", "Host", "ProducerHost", "borrow", "discard", "forget", "give_back", "idle_pids",
-           "key", "release_idle", "return_grace", "start"]
+__all__ = ["IDLE_S", "RETURN_S", "Host", "ProducerHost", "borrow", "forget", "give_back", "idle_pids", "key",
+           "release_idle", "return_grace", "start"]

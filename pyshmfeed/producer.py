@@ -207,7 +207,8 @@ class Producer:
 def error_record(exc: BaseException, index: int, worker: int) -> dict[str, Any]:
     """What the feed raises as ``ProducerError.from_record``: the source's exception, or the claim's."""
     return {"index": index, "worker": worker, "type": type(exc).__name__, "message": str(exc),
-            "traceback": traceback.format_exc(), "origin": getattr(exc, "origin", "source")}
+            "traceback": traceback.format_exc(),
+            "origin": "claim" if isinstance(exc, errors.NoSpace) and exc.claim else "source"}
 
 
 def _parse_kill_hook(value: str) -> tuple[str, int, str] | None:

@@ -196,24 +196,6 @@ class Ring:
         variable) poisons each slot on release and makes ``ConsumerSlot.array``
         views raise ``StaleView`` when read after their release (``views.py``).
         """
-        flags = cls._flags(slots, slot_bytes, ordered, backing)
-        out = ffi.new("shmfeed_ring **")
-        err = ffi.new("char[]", ERR_BYTES)
-        check(lib.shmfeed_ring_create(slots, slot_bytes, flags, out, err, ERR_BYTES), "creating ring", err)
-        ring = cls(out[0], debug_views=debug_views)
-        ring._record = registry.record(ring, "creator", backing)
-        return ring
-
-    @staticmethod
-    def check_fits(slots: int, slot_bytes: int, *, ordered: bool = True, backing: str = "memfd") -> None:
-        """Raise what ``create`` would for these arguments before making anything (``NoSpace`` if
-        the machine has too little memory now), without making anything."""
-        flags = Ring._flags(slots, slot_bytes, ordered, backing)
-        err = ffi.new("char[]", ERR_BYTES)
-        check(lib.shmfeed_ring_check(slots, slot_bytes, flags, err, ERR_BYTES), "creating ring", err)
-
-    @staticmethod
-    def _flags(slots: int, slot_bytes: int, ordered: bool, backing: str) -> int:
         if not isinstance(slots, int) or not isinstance(slot_bytes, int):
             raise errors.InvalidArgument(f"slots and slot_bytes must be ints, got {slots!r}, {slot_bytes!r}")
         if slots <= 0 or slots > MAX_SLOTS:
@@ -222,7 +204,13 @@ class Ring:
             raise errors.InvalidArgument(f"slot_bytes={slot_bytes} is out of range: use 1..{MAX_SLOT_BYTES}")
         if backing not in ("memfd", "named"):
             raise errors.InvalidArgument(f"backing={backing!r}: use 'memfd' or 'named'")
-        return (lib.SHMFEED_ORDERED if ordered else 0) | (lib.SHMFEED_NAMED if backing == "named" else 0)
+        flags = (lib.SHMFEED_ORDERED if ordered else 0) | (lib.SHMFEED_NAMED if backing == "named" else 0)
+        out = ffi.new("shmfeed_ring **")
+        err = ffi.new("char[]", ERR_BYTES)
+        check(lib.shmfeed_ring_create(slots, slot_bytes, flags, out, err, ERR_BYTES), "creating ring", err)
+        ring = cls(out[0], debug_views=debug_views)
+        ring._record = registry.record(ring, "creator", backing)
+        return ring
 
     @classmethod
     def attach(cls, handle: "RingHandle | str", *, owner: int | None = None,
@@ -407,7 +395,7 @@ class Ring:
                 f"{what}: the machine has no memory left for the slot's {self.slot_bytes} bytes. The ring "
                 "fitted when it was made; its slots get their pages when first claimed, and something took "
                 "the memory since. Free memory, or use fewer or smaller slots (the claim was taken back: "
-                "nothing was written or lost)")
+                "nothing was written or lost)", claim=True)
         check(rc, what)
 
     # ---- producer side ------------------------------------------------------

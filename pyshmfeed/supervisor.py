@@ -101,11 +101,9 @@ class Supervisor(threading.Thread):
     def __init__(self, *, ring: Ring, spec: BatchSpec, kind: str, fn: Callable[..., Any], workers: int,
                  seed: int, task_index: TaskIndex, ordered: bool, num_cpus: float, lease: float | None,
                  max_restarts: int, actor_options: dict, delivered: Callable[[], set[int]],
-                 active: int | None = None, tuner: Tuner | None = None, warm: bool = False,
-                 first_host: hosts.Host | None = None) -> None:
+                 active: int | None = None, tuner: Tuner | None = None, warm: bool = False) -> None:
         """``warm``: borrow producer hosts from this process's pool and give them back at the end
-        (NOTE [warm producers]); otherwise every host is started here and killed at the end.
-        ``first_host``: a new host the feed started before creating the ring (the first wave's)."""
+        (NOTE [warm producers]); otherwise every host is started here and killed at the end."""
         super().__init__(name="pyshmfeed-supervisor", daemon=True)
         import ray
 
@@ -145,8 +143,6 @@ class Supervisor(threading.Thread):
             p.active = active is None or p.worker < active
         starting = [p for p in self.positions if p.active]
         pooled = {p.worker: h for p in starting if warm and (h := hosts.borrow(self._pool_key)) is not None}
-        if first_host is not None and starting:
-            pooled[starting[0].worker] = first_host
         # New producer processes start in two waves: one, then the rest once it is up, so that the
         # first batch does not wait for every process's imports (NOTE [supervision]: start).
         first = [p for p in starting if p.worker in pooled] or starting[:FIRST_WAVE]
